@@ -1,0 +1,417 @@
+//! The `ferry` command: run a node, seed a follower, take checkpoints and
+//! digests, manage certificates.
+//!
+//! Exit codes: 0 success, 1 failure (the error is printed), 2 usage error,
+//! 3 verification found a mismatch.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_engine::{Store, StoreOptions};
+use ferry_transfer::auth::{ClusterCa, JoinToken, NodeAuth};
+use ferry_transfer::{ClientAuth, Compression, ServeOptions, Server, TransportOptions};
+
+mod demo;
+mod util;
+
+/// ferry adds followers to a RocksDB leader without downtime: a consistent
+/// checkpoint shipped over QUIC as verified chunks, then WAL catch-up.
+#[derive(Parser, Debug)]
+#[command(name = "ferry", version, propagate_version = true)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "FERRY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing syntax), e.g. `info` or `ferry_transfer=debug`.
+    #[arg(long, global = true, default_value = "info", env = "FERRY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Take a hard-linked checkpoint of the store in DIR (no write pause) and
+    /// print its path, sequence, file count, bytes and manifest id.
+    Checkpoint {
+        /// The data directory (a RocksDB directory; an existing one is adopted).
+        #[arg(long, env = "FERRY_DATA")]
+        data: PathBuf,
+        /// Print JSON: path, seq, files, bytes, manifest_id.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a digest of every key and value in DIR and the sequence it is
+    /// taken at (opens the database read-only; works on checkpoints too).
+    Digest {
+        #[arg(long, env = "FERRY_DATA")]
+        data: PathBuf,
+        /// Print JSON: digest, seq, keys, bytes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a node: serve seeds over QUIC from the store in DIR.
+    Serve(ServeArgs),
+    /// Seed an empty directory from a leader over QUIC and print the
+    /// snapshot's sequence. Resumes an interrupted seed of the same directory.
+    Seed(SeedArgs),
+    /// Print the join token of the node whose data directory is DIR.
+    Token {
+        #[arg(long, env = "FERRY_DATA")]
+        data: PathBuf,
+    },
+    /// Run the whole story on local defaults: a leader with data and a live
+    /// write load, a new follower seeded over QUIC, catch-up, verification.
+    Demo(demo::DemoArgs),
+    /// Create a cluster CA and node certificates for operator-managed TLS.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCommand {
+    /// Create a new cluster CA (ca.pem, ca.key) in OUT.
+    InitCa {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate (NAME.pem, NAME.key) signed by the CA in CA_DIR.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// TLS material supplied by the operator instead of a join token.
+#[derive(Args, Debug, Clone)]
+struct TlsArgs {
+    /// The cluster CA certificate (PEM). With --cert and --key: mutual TLS.
+    #[arg(long, env = "FERRY_CA", requires_all = ["cert", "key"])]
+    ca: Option<PathBuf>,
+    /// This node's certificate (PEM), signed by the CA.
+    #[arg(long, env = "FERRY_CERT", requires = "ca")]
+    cert: Option<PathBuf>,
+    /// This node's private key (PEM, PKCS#8).
+    #[arg(long, env = "FERRY_KEY", requires = "ca")]
+    key: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    #[arg(long, env = "FERRY_DATA")]
+    data: PathBuf,
+    /// QUIC address to listen on.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// This node's id (defaults to host name and pid).
+    #[arg(long, env = "FERRY_NODE_ID")]
+    node_id: Option<String>,
+    /// Upper bound on seed bandwidth, bytes per second (suffixes K, M, G).
+    #[arg(long, env = "FERRY_MAX_RATE", value_parser = util::parse_size)]
+    max_rate: Option<u64>,
+    /// Chunk compression: auto compresses files that shrink well (WAL,
+    /// MANIFEST, uncompressed SSTs) and sends block-compressed SSTs as is.
+    #[arg(long, env = "FERRY_COMPRESSION", value_enum, default_value_t = CompressionArg::Auto)]
+    compression: CompressionArg,
+    /// zstd level for compressed chunks.
+    #[arg(long, env = "FERRY_ZSTD_LEVEL", default_value_t = 1)]
+    zstd_level: i32,
+    /// Keep obsolete WAL files this many seconds for catching-up followers.
+    #[arg(long, env = "FERRY_WAL_TTL", default_value_t = 6 * 3600)]
+    wal_ttl_secs: u64,
+    /// ... and at most this many MiB of them.
+    #[arg(long, env = "FERRY_WAL_SIZE_LIMIT_MB", default_value_t = 8192)]
+    wal_size_limit_mb: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CompressionArg {
+    Auto,
+    Off,
+    Always,
+}
+
+#[derive(Args, Debug)]
+struct SeedArgs {
+    /// The leader's QUIC address.
+    #[arg(long, env = "FERRY_LEADER")]
+    leader: SocketAddr,
+    /// The directory to seed; must be empty (or hold an unfinished seed).
+    #[arg(long, env = "FERRY_DATA")]
+    data: PathBuf,
+    /// The join token printed by the leader.
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Chunks in flight at once.
+    #[arg(long, env = "FERRY_PARALLEL", default_value_t = 16)]
+    parallel: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Never draw a progress bar, even on a terminal.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The demo tells its own story; library logs only for warnings unless asked.
+    let filter = if matches!(cli.command, Command::Demo(_)) && cli.log == "info" {
+        "warn"
+    } else {
+        cli.log.as_str()
+    };
+    util::init_logging(filter, matches!(cli.log_format, LogFormat::Json));
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Checkpoint { data, json } => checkpoint(&data, json),
+        Command::Digest { data, json } => digest(&data, json),
+        Command::Serve(args) => runtime()?.block_on(serve(args)),
+        Command::Seed(args) => runtime()?.block_on(seed(args)),
+        Command::Token { data } => {
+            let (_, token) = NodeAuth::load_or_init(&tls_dir(&data), "leader")?;
+            println!("{token}");
+            Ok(0)
+        }
+        Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Certs(c) => certs(c),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn tls_dir(data: &Path) -> PathBuf {
+    ferry_engine::ferry_dir(data).join("tls")
+}
+
+fn checkpoint(data: &Path, json: bool) -> Result<i32> {
+    let opts = StoreOptions {
+        create_if_missing: false,
+        ..StoreOptions::default()
+    };
+    let store =
+        Store::open(data, opts).with_context(|| format!("open the store in {}", data.display()))?;
+    let cp = store.checkpoint().context("take a checkpoint")?;
+    let (manifest, _) = store
+        .manifest(&cp)
+        .context("build the checkpoint's manifest")?;
+    let out = serde_json::json!({
+        "path": cp.path,
+        "seq": cp.seq,
+        "files": manifest.files.len(),
+        "bytes": manifest.total_bytes(),
+        "manifest_id": manifest.id().to_string(),
+    });
+    if json {
+        println!("{out}");
+    } else {
+        println!("checkpoint   {}", cp.path.display());
+        println!("sequence     {}", cp.seq);
+        println!("files        {}", manifest.files.len());
+        println!(
+            "bytes        {} ({})",
+            manifest.total_bytes(),
+            util::human_bytes(manifest.total_bytes())
+        );
+        println!("manifest id  {}", manifest.id());
+    }
+    Ok(0)
+}
+
+fn digest(data: &Path, json: bool) -> Result<i32> {
+    let store = Store::open_read_only(data)
+        .with_context(|| format!("open {} read-only", data.display()))?;
+    let d = store.digest().context("compute the digest")?;
+    if json {
+        println!("{}", serde_json::to_string(&d)?);
+    } else {
+        println!("digest    {}", d.digest);
+        println!("sequence  {}", d.seq);
+        println!("keys      {}", d.keys);
+        println!("bytes     {}", d.bytes);
+    }
+    Ok(0)
+}
+
+/// Loads operator TLS files, or the node's own cluster identity.
+fn node_auth(data: &Path, tls: &TlsArgs, node_id: &str) -> Result<(NodeAuth, Option<JoinToken>)> {
+    match (&tls.ca, &tls.cert, &tls.key) {
+        (Some(ca), Some(cert), Some(key)) => Ok((
+            NodeAuth::from_files(ca, cert, key).context("load the TLS files")?,
+            None,
+        )),
+        _ => {
+            let (auth, token) = NodeAuth::load_or_init(&tls_dir(data), node_id)
+                .context("load or create the cluster identity")?;
+            Ok((auth, Some(token)))
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<i32> {
+    let node_id = args
+        .node_id
+        .clone()
+        .unwrap_or_else(ferry_transfer::seed::default_node_id);
+    let opts = StoreOptions {
+        wal_ttl_seconds: args.wal_ttl_secs,
+        wal_size_limit_mb: args.wal_size_limit_mb,
+        ..StoreOptions::default()
+    };
+    let data = args.data.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
+        .await?
+        .with_context(|| format!("open the store in {}", args.data.display()))?;
+    let (auth, token) = node_auth(&args.data, &args.tls, &node_id)?;
+    let transport = TransportOptions::default();
+    let endpoint = ferry_transfer::endpoint::server_endpoint(args.listen, &auth, &transport)
+        .context("start the QUIC endpoint")?;
+    let compression = match args.compression {
+        CompressionArg::Off => Compression::Off,
+        CompressionArg::Always => Compression::Always {
+            level: args.zstd_level,
+        },
+        CompressionArg::Auto => {
+            // On a link slower than zstd -1 (about 250 MB/s on two cores)
+            // compression pays for itself even on block-compressed SSTs.
+            let min_ratio = if args.max_rate.is_some_and(|r| r < 200_000_000) {
+                1.1
+            } else {
+                2.0
+            };
+            Compression::Auto {
+                level: args.zstd_level,
+                min_ratio,
+            }
+        }
+    };
+    let server = Server::new(
+        store.clone(),
+        auth,
+        ServeOptions {
+            node_id: node_id.clone(),
+            max_rate: args.max_rate,
+            compression,
+            ..ServeOptions::default()
+        },
+    );
+    let addr = endpoint.local_addr()?;
+    tracing::info!(%addr, node = %node_id, seq = store.latest_seq(), data = %args.data.display(), "serving");
+    if let Some(t) = &token {
+        let path = tls_dir(&args.data).join("join-token");
+        ferry_transfer::auth::write_private(&path, t.to_string().as_bytes())?;
+        tracing::info!(token_file = %path.display(), "join token (also: `ferry token --data {}`)", args.data.display());
+    }
+    let run = tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
+    util::shutdown_signal().await;
+    tracing::info!("shutting down");
+    endpoint.close(0u32.into(), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    run.abort();
+    drop(server);
+    let _ = store.sync_wal();
+    Ok(0)
+}
+
+async fn seed(args: SeedArgs) -> Result<i32> {
+    let auth = match (&args.token, &args.tls.ca, &args.tls.cert, &args.tls.key) {
+        (Some(t), _, _, _) => ClientAuth::from_token(&t.parse::<JoinToken>()?),
+        (None, Some(ca), Some(cert), Some(key)) => NodeAuth::from_files(ca, cert, key).context("load the TLS files")?.client_credentials(),
+        _ => bail!("a join token (--token or FERRY_TOKEN) or --ca/--cert/--key is required to authenticate to the leader"),
+    };
+    let mut cfg = ferry_transfer::SeedConfig::new(&args.data, args.leader, auth);
+    cfg.parallel = args.parallel.max(1);
+    let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(util::progress_bar);
+    cfg.progress = Some(util::progress_callback(bar.clone()));
+    let report = ferry_transfer::seed(cfg)
+        .await
+        .with_context(|| format!("seed {} from {}", args.data.display(), args.leader))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let rate = report.bytes_fetched as f64 / report.elapsed_secs.max(1e-9);
+        println!(
+            "seeded {} at sequence {}: {} files, {} in {:.2}s ({}/s); fetched {} chunks ({} on the wire), reused {}, re-fetched {}",
+            args.data.display(),
+            report.seq,
+            report.files,
+            util::human_bytes(report.bytes_total),
+            report.elapsed_secs,
+            util::human_bytes(rate as u64),
+            report.chunks_fetched,
+            util::human_bytes(report.wire_bytes),
+            report.chunks_reused,
+            report.chunks_refetched,
+        );
+    }
+    Ok(0)
+}
+
+fn certs(c: CertsCommand) -> Result<i32> {
+    match c {
+        CertsCommand::InitCa { out } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+            let ca = ClusterCa::generate("ferry cluster CA")?;
+            ferry_transfer::auth::write_private(&out.join("ca.key"), ca.key_pem().as_bytes())?;
+            std::fs::write(out.join("ca.pem"), &ca.cert_pem)?;
+            println!(
+                "created {} and {}",
+                out.join("ca.pem").display(),
+                out.join("ca.key").display()
+            );
+        }
+        CertsCommand::Issue { ca_dir, name, out } => {
+            let ca = ClusterCa::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
+            let ck = ca.issue(&name)?;
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join(format!("{name}.pem")), &ck.cert_pem)?;
+            ferry_transfer::auth::write_private(
+                &out.join(format!("{name}.key")),
+                ck.key_pem.as_bytes(),
+            )?;
+            println!(
+                "issued {} and {}",
+                out.join(format!("{name}.pem")).display(),
+                out.join(format!("{name}.key")).display()
+            );
+        }
+    }
+    Ok(0)
+}

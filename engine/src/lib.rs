@@ -1,0 +1,28 @@
+//! ferry's storage engine: a RocksDB database with everything that adding a
+//! follower needs.
+//!
+//! - [`Store`]: open or adopt a database, write batches that report their
+//!   sequence range, read at an exact sequence, take sequence-tagged
+//!   checkpoints, read the WAL after a sequence, apply a leader's batches.
+//! - [`Manifest`]: the files of a checkpoint with per-chunk blake3 hashes.
+//! - [`Feed`]: committed batches in memory for live followers.
+//! - [`RawBatch`]: a batch in RocksDB's serialization, parsed and bounded.
+//!
+//! Only this crate names RocksDB types.
+
+pub mod batch;
+pub mod error;
+pub mod feed;
+pub mod manifest;
+pub mod store;
+
+pub use batch::{Batch, Op, RawBatch};
+pub use error::{DivergenceError, Error, Result, Seq};
+pub use feed::{Feed, FeedBehind, FeedLimits};
+pub use manifest::{
+    FileEntry, FileKind, FileName, Hash, HashCache, HashStats, Manifest, ManifestId,
+};
+pub use store::{
+    ferry_dir, list_checkpoints, seed_dir, CheckpointInfo, Digest, Scan, SeqRange, Store,
+    StoreOptions, WalIter, FERRY_DIR,
+};

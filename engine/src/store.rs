@@ -1,0 +1,707 @@
+//! The store: one RocksDB database in a data directory, and everything a
+//! leader or follower does with it. This is the only module that names
+//! RocksDB types.
+//!
+//! Layout of a data directory:
+//!
+//! ```text
+//! DIR/                   the RocksDB database (an existing one can be adopted)
+//! DIR/.ferry/checkpoints hard-linked checkpoints, cp-<seq>-<nanos>
+//! DIR/.ferry/hash-cache.json   cached hashes of immutable files
+//! DIR/.ferry/seed/       an unfinished seed; while it exists DIR is not opened
+//! ```
+//!
+//! All writes and applies take one lock, read the sequence RocksDB assigned
+//! and publish the batch to the [`Feed`] before releasing it, so the feed is
+//! in commit order and every read can name the exact sequence it reflects.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rocksdb::{DBWALIterator, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use serde::Serialize;
+
+use crate::batch::{Batch, Op, RawBatch};
+use crate::error::{io, DivergenceError, Error, Result, Seq};
+use crate::feed::{Feed, FeedLimits};
+use crate::manifest::{build_manifest, HashCache, HashStats, Manifest, DEFAULT_CHUNK_SIZE};
+
+/// The directory, inside a data directory, where ferry keeps its own files.
+pub const FERRY_DIR: &str = ".ferry";
+const CHECKPOINTS: &str = "checkpoints";
+const SEED_DIR: &str = "seed";
+
+/// The directory where ferry keeps its own files for the data dir `data`.
+pub fn ferry_dir(data: &Path) -> PathBuf {
+    data.join(FERRY_DIR)
+}
+
+/// Where an unfinished seed of `data` is staged.
+pub fn seed_dir(data: &Path) -> PathBuf {
+    ferry_dir(data).join(SEED_DIR)
+}
+
+/// How a store is opened.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Create an empty database when the directory holds none.
+    pub create_if_missing: bool,
+    /// Keep obsolete WAL files this long, so followers can catch up.
+    pub wal_ttl_seconds: u64,
+    /// ... and at most this many MiB of them.
+    pub wal_size_limit_mb: u64,
+    /// fsync the WAL on every write.
+    pub sync_writes: bool,
+    /// Bounds of the in-memory live feed.
+    pub feed: FeedLimits,
+    /// Chunk size of the manifests this store builds.
+    pub chunk_size: u32,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        Self {
+            create_if_missing: true,
+            // A multi-minute seed of a busy leader must still find its WAL.
+            wal_ttl_seconds: 6 * 3600,
+            wal_size_limit_mb: 8 * 1024,
+            sync_writes: false,
+            feed: FeedLimits::default(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+        }
+    }
+}
+
+/// The sequence range a batch was committed at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SeqRange {
+    pub first: Seq,
+    pub last: Seq,
+}
+
+/// A checkpoint under the data directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckpointInfo {
+    pub name: String,
+    pub path: PathBuf,
+    /// The sequence of the last write the checkpoint holds.
+    pub seq: Seq,
+}
+
+/// A logical digest of every key and value at one sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Digest {
+    /// blake3 over (key length, key, value length, value) of every pair in key order.
+    pub digest: String,
+    pub seq: Seq,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+/// A range scan request.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub prefix: Vec<u8>,
+    /// Start at this key (inclusive); keys before the prefix are skipped anyway.
+    pub start: Option<Vec<u8>>,
+    pub limit: usize,
+}
+
+/// A handle to an open store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: DB,
+    path: PathBuf,
+    opts: StoreOptions,
+    read_only: bool,
+    follower: AtomicBool,
+    write_lock: Mutex<()>,
+    feed: Feed,
+    hash_cache: Mutex<HashCache>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in `path`.
+    ///
+    /// Refuses a directory that holds an unfinished seed, so a half-seeded
+    /// directory never opens as a database.
+    pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if seed_dir(&path).exists() {
+            return Err(Error::SeedInProgress { path });
+        }
+        if !opts.create_if_missing && !path.join("CURRENT").exists() {
+            return Err(Error::NoDatabase { path });
+        }
+        std::fs::create_dir_all(ferry_dir(&path).join(CHECKPOINTS))
+            .map_err(io("create directory", ferry_dir(&path)))?;
+        let mut o = Options::default();
+        o.create_if_missing(opts.create_if_missing);
+        o.set_wal_ttl_seconds(opts.wal_ttl_seconds);
+        o.set_wal_size_limit_mb(opts.wal_size_limit_mb);
+        o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        o.set_max_background_jobs(2);
+        o.set_keep_log_file_num(4);
+        // Table format 5 (RocksDB 6.6+) rather than 10.x's default 6, so that
+        // the RocksDB tools operators already have (Debian ships 7.8's ldb
+        // and sst_dump) can read every file ferry writes.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_format_version(5);
+        o.set_block_based_table_factory(&table);
+        let db = DB::open(&o, &path).map_err(rocks(&path))?;
+        Ok(Self::from_db(db, path, opts, false))
+    }
+
+    /// Opens the database in `path` read-only: nothing in it is changed, and
+    /// it may be a checkpoint or a store another process has open.
+    pub fn open_read_only(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if seed_dir(&path).exists() {
+            return Err(Error::SeedInProgress { path });
+        }
+        if !path.join("CURRENT").exists() {
+            return Err(Error::NoDatabase { path });
+        }
+        let mut o = Options::default();
+        o.set_keep_log_file_num(1);
+        let db = DB::open_for_read_only(&o, &path, false).map_err(rocks(&path))?;
+        Ok(Self::from_db(db, path, StoreOptions::default(), true))
+    }
+
+    fn from_db(db: DB, path: PathBuf, opts: StoreOptions, read_only: bool) -> Self {
+        let latest = db.latest_sequence_number();
+        let feed = Feed::new(latest, opts.feed);
+        let hash_cache = if read_only {
+            HashCache::in_memory()
+        } else {
+            HashCache::load(ferry_dir(&path).join("hash-cache.json"))
+        };
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                opts,
+                read_only,
+                follower: AtomicBool::new(false),
+                write_lock: Mutex::new(()),
+                feed,
+                hash_cache: Mutex::new(hash_cache),
+            }),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    /// The sequence of the last committed write.
+    pub fn latest_seq(&self) -> Seq {
+        self.inner.db.latest_sequence_number()
+    }
+
+    /// The live feed of batches committed through this handle.
+    pub fn feed(&self) -> &Feed {
+        &self.inner.feed
+    }
+
+    /// Marks the store as a follower: client writes are refused from now on,
+    /// only [`Store::apply`] changes it.
+    pub fn set_follower(&self, follower: bool) {
+        self.inner.follower.store(follower, Ordering::SeqCst);
+    }
+
+    pub fn is_follower(&self) -> bool {
+        self.inner.follower.load(Ordering::SeqCst)
+    }
+
+    // ---- writes ------------------------------------------------------
+
+    /// Commits `batch` atomically and returns the sequences it was given.
+    pub fn write(&self, batch: &Batch) -> Result<SeqRange> {
+        if self.inner.read_only || self.is_follower() {
+            return Err(Error::ReadOnly);
+        }
+        if batch.is_empty() {
+            let s = self.latest_seq();
+            return Ok(SeqRange {
+                first: s + 1,
+                last: s,
+            });
+        }
+        let mut wb = WriteBatch::default();
+        for op in batch.ops() {
+            match op {
+                Op::Put { key, value } => wb.put(key, value),
+                Op::Delete { key } => wb.delete(key),
+            }
+        }
+        let count = wb.len() as u32;
+        let data = Bytes::copy_from_slice(wb.data());
+        let _g = self.inner.write_lock.lock();
+        let before = self.latest_seq();
+        self.inner
+            .db
+            .write_opt(wb, &self.write_options())
+            .map_err(rocks(&self.inner.path))?;
+        let last = self.latest_seq();
+        let first = last + 1 - u64::from(count);
+        if first != before + 1 {
+            // Only possible if something wrote to the database around ferry.
+            tracing::error!(
+                before,
+                first,
+                last,
+                "sequence moved by a write outside ferry"
+            );
+        }
+        self.inner
+            .feed
+            .publish(RawBatch::from_trusted(first, count, data));
+        Ok(SeqRange { first, last })
+    }
+
+    pub fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<SeqRange> {
+        let mut b = Batch::new();
+        b.put(key, value);
+        self.write(&b)
+    }
+
+    pub fn delete(&self, key: impl Into<Vec<u8>>) -> Result<SeqRange> {
+        let mut b = Batch::new();
+        b.delete(key);
+        self.write(&b)
+    }
+
+    /// Applies a batch received from the leader.
+    ///
+    /// ### To ensure correctness:
+    /// the batch must start right after the local latest sequence, and after
+    /// it is written the local latest sequence must be its last sequence.
+    /// Anything else is a [`DivergenceError`] and nothing is written out of
+    /// order. The write is durable only after [`Store::sync_wal`] (or with
+    /// `sync_writes`).
+    pub fn apply(&self, batch: &RawBatch) -> Result<()> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let _g = self.inner.write_lock.lock();
+        let local = self.latest_seq();
+        if batch.first() != local + 1 {
+            return Err(DivergenceError::OutOfOrder {
+                first: batch.first(),
+                local,
+            }
+            .into());
+        }
+        let wb = WriteBatch::from_data(batch.data());
+        self.inner
+            .db
+            .write_opt(wb, &self.write_options())
+            .map_err(rocks(&self.inner.path))?;
+        let now = self.latest_seq();
+        if now != batch.last() {
+            return Err(DivergenceError::SequenceMismatch {
+                first: batch.first(),
+                last: batch.last(),
+                local: now,
+            }
+            .into());
+        }
+        self.inner.feed.publish(batch.clone());
+        Ok(())
+    }
+
+    /// Makes every applied write durable (fsyncs the WAL).
+    pub fn sync_wal(&self) -> Result<()> {
+        self.inner
+            .db
+            .flush_wal(true)
+            .map_err(rocks(&self.inner.path))
+    }
+
+    /// Flushes the memtable into an SST (tests and benchmarks use this to
+    /// shape the files on disk).
+    pub fn flush(&self) -> Result<()> {
+        self.inner.db.flush().map_err(rocks(&self.inner.path))
+    }
+
+    /// Compacts the whole key range.
+    pub fn compact(&self) {
+        self.inner.db.compact_range::<&[u8], &[u8]>(None, None);
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.inner.opts.sync_writes);
+        wo
+    }
+
+    // ---- reads -------------------------------------------------------
+
+    /// Runs `f` on a read snapshot, with the exact sequence it reflects.
+    fn at_snapshot<T>(&self, f: impl FnOnce(ReadOptions) -> Result<T>) -> Result<(T, Seq)> {
+        let (snap, seq) = {
+            let _g = self.inner.write_lock.lock();
+            (self.inner.db.snapshot(), self.latest_seq())
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&snap);
+        Ok((f(ro)?, seq))
+    }
+
+    /// The value of `key`, and the sequence the read reflects.
+    pub fn get(&self, key: &[u8]) -> Result<(Option<Vec<u8>>, Seq)> {
+        self.at_snapshot(|ro| {
+            self.inner
+                .db
+                .get_opt(key, &ro)
+                .map_err(rocks(&self.inner.path))
+        })
+    }
+
+    /// Keys with `scan.prefix`, from `scan.start`, at most `scan.limit` of
+    /// them, and the sequence the scan reflects.
+    pub fn scan(&self, scan: &Scan) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Seq)> {
+        self.at_snapshot(|ro| {
+            let mut it = self.inner.db.raw_iterator_opt(ro);
+            let from = match &scan.start {
+                Some(s) if s.as_slice() > scan.prefix.as_slice() => s.as_slice(),
+                _ => scan.prefix.as_slice(),
+            };
+            it.seek(from);
+            let mut out = Vec::new();
+            while it.valid() && out.len() < scan.limit {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                if !k.starts_with(&scan.prefix) {
+                    break;
+                }
+                out.push((k.to_vec(), v.to_vec()));
+                it.next();
+            }
+            it.status().map_err(rocks(&self.inner.path))?;
+            Ok(out)
+        })
+    }
+
+    /// A digest of every key and value, at a consistent snapshot.
+    pub fn digest(&self) -> Result<Digest> {
+        let ((hash, keys, bytes), seq) = self.at_snapshot(|mut ro| {
+            ro.fill_cache(false);
+            let mut it = self.inner.db.raw_iterator_opt(ro);
+            it.seek_to_first();
+            let mut h = blake3::Hasher::new();
+            let (mut keys, mut bytes) = (0u64, 0u64);
+            while it.valid() {
+                let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                    break;
+                };
+                h.update(&(k.len() as u64).to_le_bytes());
+                h.update(k);
+                h.update(&(v.len() as u64).to_le_bytes());
+                h.update(v);
+                keys += 1;
+                bytes += (k.len() + v.len()) as u64;
+                it.next();
+            }
+            it.status().map_err(rocks(&self.inner.path))?;
+            Ok((h.finalize().to_hex().to_string(), keys, bytes))
+        })?;
+        Ok(Digest {
+            digest: hash,
+            seq,
+            keys,
+            bytes,
+        })
+    }
+
+    // ---- checkpoints -------------------------------------------------
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        ferry_dir(&self.inner.path).join(CHECKPOINTS)
+    }
+
+    /// Takes a hard-linked checkpoint of the live store, without pausing
+    /// writes, and tags it with the sequence it holds (read by opening the
+    /// checkpoint read-only: reading the live sequence would race).
+    pub fn checkpoint(&self) -> Result<CheckpointInfo> {
+        self.checkpoint_tagged("")
+    }
+
+    /// Like [`Store::checkpoint`], with `tag` appended to the name so that
+    /// its owner can recognise it (seed checkpoints end in `-seed`).
+    pub fn checkpoint_tagged(&self, tag: &str) -> Result<CheckpointInfo> {
+        if self.inner.read_only {
+            return Err(Error::ReadOnly);
+        }
+        let dir = self.checkpoints_dir();
+        std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!("tmp-{nanos}-{}", std::process::id()));
+        rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
+            .and_then(|c| c.create_checkpoint(&tmp))
+            .map_err(rocks(&tmp))?;
+        let seq = match read_only_seq(&tmp) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let name = format!("cp-{seq:020}-{nanos}{tag}");
+        let path = dir.join(&name);
+        std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
+        tracing::debug!(%name, seq, "checkpoint created");
+        Ok(CheckpointInfo { name, path, seq })
+    }
+
+    /// The checkpoints under the data directory, oldest first.
+    pub fn checkpoints(&self) -> Result<Vec<CheckpointInfo>> {
+        list_checkpoints(&self.inner.path)
+    }
+
+    /// Deletes a checkpoint (its hard links; SSTs still live stay on disk).
+    pub fn delete_checkpoint(&self, name: &str) -> Result<()> {
+        let cp = self
+            .checkpoints()?
+            .into_iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| Error::NoCheckpoint {
+                name: name.to_owned(),
+                path: self.checkpoints_dir(),
+            })?;
+        std::fs::remove_dir_all(&cp.path).map_err(io("remove", &cp.path))
+    }
+
+    /// Builds the manifest of a checkpoint, reusing cached hashes of SSTs.
+    pub fn manifest(&self, cp: &CheckpointInfo) -> Result<(Manifest, HashStats)> {
+        let identity = identity(&self.inner.path);
+        let mut cache = self.inner.hash_cache.lock();
+        build_manifest(
+            &cp.path,
+            cp.seq,
+            self.inner.opts.chunk_size,
+            &identity,
+            &mut cache,
+        )
+    }
+
+    // ---- WAL ---------------------------------------------------------
+
+    /// Every committed batch after `after`, read from the WAL, in order.
+    ///
+    /// The first batch must start at `after + 1`: when RocksDB has purged
+    /// that part of the WAL the result is [`Error::WalPurged`], never a silent
+    /// skip. Each next batch must start where the previous one ended
+    /// ([`Error::WalGap`]), and the iterator's status is checked at the end.
+    /// The iterator is not `Send`: use it on a blocking thread.
+    pub fn wal_since(&self, after: Seq) -> Result<WalIter> {
+        let latest = self.latest_seq();
+        if after >= latest {
+            return Ok(WalIter {
+                iter: None,
+                expected: after + 1,
+                after,
+                latest,
+                yielded: false,
+                done: false,
+                store: self.clone(),
+            });
+        }
+        match self.inner.db.get_updates_since(after) {
+            Ok(it) => Ok(WalIter {
+                iter: Some(it),
+                expected: after + 1,
+                after,
+                latest,
+                yielded: false,
+                done: false,
+                store: self.clone(),
+            }),
+            Err(e) => {
+                let oldest = self.oldest_wal_seq().unwrap_or(None).unwrap_or(latest + 1);
+                if oldest > after + 1 {
+                    Err(Error::WalPurged {
+                        requested: after,
+                        oldest_available: oldest,
+                    })
+                } else {
+                    Err(rocks(&self.inner.path)(e))
+                }
+            }
+        }
+    }
+
+    /// The first sequence still readable from the WAL, if any batch is.
+    pub fn oldest_wal_seq(&self) -> Result<Option<Seq>> {
+        if self.latest_seq() == 0 {
+            return Ok(None);
+        }
+        let Ok(mut it) = self.inner.db.get_updates_since(0) else {
+            return Ok(None);
+        };
+        for item in it.by_ref() {
+            let (seq, batch) = item.map_err(rocks(&self.inner.path))?;
+            if !batch.is_empty() {
+                return Ok(Some(seq));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Batches read from the WAL; see [`Store::wal_since`].
+pub struct WalIter {
+    // Declared first so it is dropped before the store handle.
+    iter: Option<DBWALIterator>,
+    expected: Seq,
+    after: Seq,
+    latest: Seq,
+    yielded: bool,
+    done: bool,
+    store: Store,
+}
+
+impl WalIter {
+    /// The sequence the next batch must start at.
+    pub fn expected(&self) -> Seq {
+        self.expected
+    }
+
+    fn step(&mut self) -> Result<Option<RawBatch>> {
+        let Some(it) = self.iter.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            match it.next() {
+                Some(Ok((seq, wb))) => {
+                    if wb.is_empty() {
+                        continue;
+                    }
+                    if seq != self.expected {
+                        return Err(if !self.yielded && seq > self.expected {
+                            Error::WalPurged {
+                                requested: self.after,
+                                oldest_available: seq,
+                            }
+                        } else {
+                            Error::WalGap {
+                                expected: self.expected,
+                                found: seq,
+                            }
+                        });
+                    }
+                    let count = wb.len() as u32;
+                    let batch =
+                        RawBatch::from_trusted(seq, count, Bytes::copy_from_slice(wb.data()));
+                    self.expected = batch.last() + 1;
+                    self.yielded = true;
+                    return Ok(Some(batch));
+                }
+                Some(Err(e)) => return Err(rocks(&self.store.inner.path)(e)),
+                None => {
+                    it.status().map_err(rocks(&self.store.inner.path))?;
+                    if !self.yielded && self.latest > self.after {
+                        // Nothing at all after `after`, though it was written.
+                        let oldest = self.store.oldest_wal_seq()?.unwrap_or(self.latest + 1);
+                        return Err(Error::WalPurged {
+                            requested: self.after,
+                            oldest_available: oldest,
+                        });
+                    }
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+impl Iterator for WalIter {
+    type Item = Result<RawBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let r = self.step().transpose();
+        if !matches!(r, Some(Ok(_))) {
+            self.done = true;
+        }
+        r
+    }
+}
+
+/// Lists the checkpoints under the data directory `data`, oldest first.
+pub fn list_checkpoints(data: &Path) -> Result<Vec<CheckpointInfo>> {
+    let dir = ferry_dir(data).join(CHECKPOINTS);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("read directory", &dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(io("read directory", &dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(seq) = name
+            .strip_prefix("cp-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|s| s.parse().ok())
+        else {
+            continue;
+        };
+        out.push(CheckpointInfo {
+            path: entry.path(),
+            name,
+            seq,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// The database's unique id (its IDENTITY file), scoping cached hashes.
+fn identity(path: &Path) -> String {
+    std::fs::read_to_string(path.join("IDENTITY"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Opens `path` read-only and returns its latest sequence.
+fn read_only_seq(path: &Path) -> Result<Seq> {
+    let mut o = Options::default();
+    o.set_keep_log_file_num(1);
+    let db = DB::open_for_read_only(&o, path, false).map_err(rocks(path))?;
+    Ok(db.latest_sequence_number())
+}
+
+fn rocks(path: &Path) -> impl FnOnce(rocksdb::Error) -> Error + '_ {
+    move |source| Error::Rocks {
+        path: path.to_path_buf(),
+        source,
+    }
+}

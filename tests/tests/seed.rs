@@ -1,0 +1,629 @@
+//! Seeding a new node over QUIC: consistency under load, boundary file
+//! sizes, corruption, resumption after a kill, authentication, and hostile
+//! manifests and frames.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_engine::manifest::build_manifest;
+use ferry_engine::{
+    CheckpointInfo, Error as EngineError, HashCache, Manifest, Store, StoreOptions,
+};
+use ferry_tests::{fill, TestLeader};
+use ferry_transfer::auth::{ClusterCa, JoinToken};
+use ferry_transfer::client::{Client, ConnectError};
+use ferry_transfer::leader::SnapshotSource;
+use ferry_transfer::protocol::{ErrorCode, Frame, Role};
+use ferry_transfer::{ClientAuth, SeedError, ServeOptions, TransportOptions};
+
+const CHUNK: u32 = 64 * 1024;
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        chunk_size: CHUNK,
+        ..StoreOptions::default()
+    }
+}
+
+/// Values that do not compress, so files span many chunks.
+fn fill_incompressible(store: &Store, n: usize) {
+    let mut rng_state = 0x9e3779b97f4a7c15u64;
+    for i in 0..n {
+        let v: Vec<u8> = (0..1000)
+            .map(|_| {
+                rng_state ^= rng_state << 13;
+                rng_state ^= rng_state >> 7;
+                rng_state ^= rng_state << 17;
+                rng_state as u8
+            })
+            .collect();
+        store.put(format!("bulk-{i:08}"), v).unwrap();
+    }
+    store.flush().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_of_a_store_under_load_matches_the_checkpoint() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill(&leader.store, 3000, 1);
+    leader.store.flush().unwrap();
+    fill_incompressible(&leader.store, 2000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (leader.store.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                store.put(format!("live-{i}"), vec![7u8; 64]).unwrap();
+                i += 1;
+            }
+            i
+        })
+    };
+    let target = tempfile::tempdir().unwrap();
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0);
+    assert!(report.chunks_total > 10 && report.chunks_fetched == report.chunks_total);
+    assert_eq!(report.bytes_fetched, report.bytes_total);
+    let seeded = Store::open_read_only(target.path()).unwrap();
+    assert_eq!(seeded.latest_seq(), report.seq);
+    assert_eq!(
+        seeded.digest().unwrap(),
+        leader.checkpoint_digest(report.seq)
+    );
+    assert!(
+        !ferry_engine::seed_dir(target.path()).exists(),
+        "staging is removed"
+    );
+    // The seeded directory opens read-write too, at the same sequence.
+    drop(seeded);
+    assert_eq!(
+        Store::open(target.path(), opts()).unwrap().latest_seq(),
+        report.seq
+    );
+}
+
+/// A real checkpoint plus extra files of boundary sizes.
+struct PaddedSource {
+    store: Store,
+    sizes: Vec<u64>,
+}
+
+impl SnapshotSource for PaddedSource {
+    fn take(&self) -> Result<(CheckpointInfo, Manifest), EngineError> {
+        let info = self.store.checkpoint_tagged("-seed")?;
+        for (i, size) in self.sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..*size).map(|b| (b * 7 + i as u64) as u8).collect();
+            std::fs::write(info.path.join(format!("{:06}.blob", 900 + i)), data).unwrap();
+        }
+        let (m, _) = build_manifest(
+            &info.path,
+            info.seq,
+            CHUNK,
+            "test",
+            &mut HashCache::in_memory(),
+        )?;
+        Ok((info, m))
+    }
+    fn release(&self, cp: &CheckpointInfo) {
+        let _ = self.store.delete_checkpoint(&cp.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boundary_file_sizes_arrive_intact() {
+    let c = u64::from(CHUNK);
+    let sizes = vec![0, 1, c - 1, c, c + 1, 2 * c, 5 * c + 17];
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    fill(&store, 100, 2);
+    let source = Arc::new(PaddedSource {
+        store: store.clone(),
+        sizes: sizes.clone(),
+    });
+    let leader = TestLeader::start_on(dir, store, ServeOptions::default(), Some(source));
+    let target = tempfile::tempdir().unwrap();
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    for (i, size) in sizes.iter().enumerate() {
+        let got = std::fs::read(target.path().join(format!("{:06}.blob", 900 + i))).unwrap();
+        let want: Vec<u8> = (0..*size).map(|b| (b * 7 + i as u64) as u8).collect();
+        assert_eq!(got.len() as u64, *size);
+        assert!(got == want, "file of {size} bytes differs");
+    }
+    assert_eq!(
+        Store::open_read_only(target.path()).unwrap().latest_seq(),
+        report.seq
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_chunk_is_detected_and_fetched_again() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill_incompressible(&leader.store, 1500);
+    leader
+        .server_faults()
+        .corrupt_chunks
+        .store(3, Ordering::SeqCst);
+    let target = tempfile::tempdir().unwrap();
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    assert_eq!(report.chunks_refetched, 3);
+    assert_eq!(
+        Store::open_read_only(target.path())
+            .unwrap()
+            .digest()
+            .unwrap(),
+        leader.checkpoint_digest(report.seq)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_that_never_verifies_is_never_written() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill_incompressible(&leader.store, 300);
+    leader
+        .server_faults()
+        .corrupt_chunks
+        .store(u32::MAX, Ordering::SeqCst);
+    let target = tempfile::tempdir().unwrap();
+    let mut cfg = leader.seed_config(target.path());
+    cfg.chunk_attempts = 2;
+    cfg.parallel = 1;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(
+        matches!(err, SeedError::BadChunk { attempts: 2, .. }),
+        "{err}"
+    );
+    // Nothing was written into the staged files: they are still all zeros.
+    let staging = ferry_engine::seed_dir(target.path());
+    for e in std::fs::read_dir(&staging).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".sst") || name == "CURRENT" {
+            assert!(
+                std::fs::read(e.path()).unwrap().iter().all(|&b| b == 0),
+                "{name} holds unverified bytes"
+            );
+        }
+    }
+    // And the half-seeded directory does not open as a database.
+    assert!(matches!(
+        Store::open(target.path(), opts()),
+        Err(EngineError::SeedInProgress { .. })
+    ));
+    assert!(matches!(
+        Store::open_read_only(target.path()),
+        Err(EngineError::SeedInProgress { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_seed_resumes_and_fetches_only_what_is_missing() {
+    // About 8 MB at 4 MB/s: the seed is killed midway.
+    let leader = TestLeader::start(
+        opts(),
+        ServeOptions {
+            max_rate: Some(4 << 20),
+            ..ServeOptions::default()
+        },
+    );
+    fill_incompressible(&leader.store, 8000);
+    let target = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
+        .args([
+            "seed",
+            "--leader",
+            &leader.addr.to_string(),
+            "--data",
+            target.path().to_str().unwrap(),
+            "--no-progress",
+        ])
+        .env("FERRY_TOKEN", leader.token.to_string())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until some chunks are durably recorded, then kill -9.
+    let bitmap = ferry_engine::seed_dir(target.path()).join("verified.bin");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let set: u32 = std::fs::read(&bitmap)
+            .map(|b| b.iter().map(|x| x.count_ones()).sum())
+            .unwrap_or(0);
+        if set >= 20 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the seed made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(matches!(
+        Store::open(target.path(), opts()),
+        Err(EngineError::SeedInProgress { .. })
+    ));
+
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    assert!(
+        report.chunks_reused >= 20,
+        "reused {}",
+        report.chunks_reused
+    );
+    assert!(report.chunks_fetched < report.chunks_total);
+    assert_eq!(
+        report.chunks_fetched + report.chunks_reused,
+        report.chunks_total
+    );
+    assert_eq!(
+        report.bytes_fetched + report.bytes_reused,
+        report.bytes_total
+    );
+    assert_eq!(
+        Store::open_read_only(target.path())
+            .unwrap()
+            .digest()
+            .unwrap(),
+        leader.checkpoint_digest(report.seq)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_the_right_credential_get_no_data() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill(&leader.store, 100, 3);
+    let target = tempfile::tempdir().unwrap();
+
+    // Right CA, wrong secret.
+    let wrong = JoinToken {
+        ca: leader.token.ca,
+        secret: [0x55; 32],
+    };
+    let mut cfg = leader.seed_config(target.path());
+    cfg.auth = ClientAuth::from_token(&wrong);
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SeedError::Connect(ConnectError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    // No secret at all.
+    let mut cfg = leader.seed_config(target.path());
+    cfg.auth.secret = None;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            SeedError::Connect(ConnectError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            })
+        ),
+        "{err}"
+    );
+
+    // A token for another cluster: the leader's certificate does not chain to it.
+    let other = ClusterCa::generate("other").unwrap();
+    let mut cfg = leader.seed_config(target.path());
+    cfg.auth = ClientAuth::from_token(&JoinToken {
+        ca: other.fingerprint().unwrap(),
+        secret: leader.token.secret,
+    });
+    cfg.reconnects = 0;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(
+        matches!(&err, SeedError::Connect(ConnectError::Connect { .. })),
+        "{err}"
+    );
+
+    // A client certificate from another CA.
+    let other_node = other.issue("intruder").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("ca.pem"), &other.cert_pem).unwrap();
+    std::fs::write(d.path().join("n.pem"), &other_node.cert_pem).unwrap();
+    std::fs::write(d.path().join("n.key"), &other_node.key_pem).unwrap();
+    let intruder = ferry_transfer::NodeAuth::from_files(
+        &d.path().join("ca.pem"),
+        &d.path().join("n.pem"),
+        &d.path().join("n.key"),
+    )
+    .unwrap();
+    let mut auth = intruder.client_credentials();
+    auth.cluster = leader.token.ca;
+    auth.ca = None;
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let r = Client::connect(
+        &endpoint,
+        leader.addr,
+        &auth,
+        &TransportOptions::default(),
+        "intruder",
+        Role::Seeder,
+    )
+    .await;
+    assert!(
+        r.is_err(),
+        "a certificate from another CA must not authenticate"
+    );
+
+    // A client that skips Hello and asks for the manifest right away.
+    let cfg = ferry_transfer::endpoint::client_config(
+        &ClientAuth::from_token(&leader.token),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let conn = endpoint
+        .connect_with(cfg, leader.addr, "ferry")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    ferry_transfer::wire::write_frame(&mut send, &Frame::ManifestRequest)
+        .await
+        .unwrap();
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        ferry_transfer::wire::read_frame(&mut recv),
+    )
+    .await
+    {
+        Ok(Ok(Some(Frame::ManifestReply { .. }))) => {
+            panic!("an unauthenticated peer got a manifest")
+        }
+        _ => {}
+    }
+
+    let stats = &leader.server.stats;
+    assert_eq!(stats.seeds_started.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.chunks_served.load(Ordering::SeqCst), 0);
+    assert!(stats.auth_failures.load(Ordering::SeqCst) >= 3);
+    assert!(
+        leader.store.checkpoints().unwrap().is_empty(),
+        "no checkpoint was taken for them"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_certificates_authenticate_both_ways() {
+    let ca = ClusterCa::generate("ops").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let write = |name: &str, data: &str| std::fs::write(d.path().join(name), data).unwrap();
+    write("ca.pem", &ca.cert_pem);
+    for n in ["leader", "follower"] {
+        let ck = ca.issue(n).unwrap();
+        write(&format!("{n}.pem"), &ck.cert_pem);
+        write(&format!("{n}.key"), &ck.key_pem);
+    }
+    let load = |n: &str| {
+        ferry_transfer::NodeAuth::from_files(
+            &d.path().join("ca.pem"),
+            &d.path().join(format!("{n}.pem")),
+            &d.path().join(format!("{n}.key")),
+        )
+        .unwrap()
+    };
+    let ldir = tempfile::tempdir().unwrap();
+    let store = Store::open(ldir.path(), opts()).unwrap();
+    fill(&store, 200, 4);
+    let endpoint = ferry_transfer::endpoint::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &load("leader"),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let server =
+        ferry_transfer::Server::new(store.clone(), load("leader"), ServeOptions::default());
+    tokio::spawn(server.run(endpoint));
+    let target = tempfile::tempdir().unwrap();
+    let cfg =
+        ferry_transfer::SeedConfig::new(target.path(), addr, load("follower").client_credentials());
+    let report = ferry_transfer::seed(cfg).await.unwrap();
+    assert_eq!(
+        Store::open_read_only(target.path()).unwrap().latest_seq(),
+        report.seq
+    );
+}
+
+/// A fake leader that authenticates nobody and answers every manifest
+/// request with `manifest`.
+async fn hostile_leader(manifest: Vec<u8>) -> (std::net::SocketAddr, JoinToken) {
+    let dir = tempfile::tempdir().unwrap();
+    let (auth, token) = ferry_transfer::NodeAuth::load_or_init(dir.path(), "evil").unwrap();
+    let endpoint = ferry_transfer::endpoint::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &auth,
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _keep = dir;
+        while let Some(inc) = endpoint.accept().await {
+            let manifest = manifest.clone();
+            tokio::spawn(async move {
+                let conn = inc.await.unwrap();
+                let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+                let _hello = ferry_transfer::wire::read_frame(&mut recv).await;
+                let welcome = Frame::Welcome {
+                    version: 1,
+                    node_id: "evil".into(),
+                    latest_seq: 1,
+                };
+                ferry_transfer::wire::write_frame(&mut send, &welcome)
+                    .await
+                    .unwrap();
+                let _req = ferry_transfer::wire::read_frame(&mut recv).await;
+                let reply = Frame::ManifestReply {
+                    session: 1,
+                    manifest: manifest.into(),
+                };
+                ferry_transfer::wire::write_frame(&mut send, &reply)
+                    .await
+                    .unwrap();
+                let _ = conn.closed().await;
+            });
+        }
+    });
+    (addr, token)
+}
+
+fn evil_manifest(name: &str) -> Vec<u8> {
+    let mut m = b"FMAN\x01".to_vec();
+    m.extend_from_slice(&1u64.to_le_bytes());
+    m.extend_from_slice(&CHUNK.to_le_bytes());
+    m.extend_from_slice(&1u32.to_le_bytes());
+    m.push(name.len() as u8);
+    m.extend_from_slice(name.as_bytes());
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m.extend_from_slice(blake3::hash(b"").as_bytes());
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_manifest_names_are_refused_before_touching_the_disk() {
+    let outer = tempfile::tempdir().unwrap();
+    let target = outer.path().join("target");
+    for name in [
+        "../escape.sst",
+        "/tmp/abs.sst",
+        "sub/000001.sst",
+        "..",
+        "LOCK",
+        "notes.txt",
+        "000001.sst/",
+    ] {
+        let (addr, token) = hostile_leader(evil_manifest(name)).await;
+        let mut cfg =
+            ferry_transfer::SeedConfig::new(&target, addr, ClientAuth::from_token(&token));
+        cfg.reconnects = 0;
+        let err = ferry_transfer::seed(cfg).await.unwrap_err();
+        assert!(
+            matches!(err, SeedError::Engine(EngineError::Malformed { .. })),
+            "{name}: {err}"
+        );
+        let staged: Vec<_> = std::fs::read_dir(ferry_engine::seed_dir(&target))
+            .unwrap()
+            .collect();
+        assert!(staged.is_empty(), "{name}: something was written");
+        assert!(!outer.path().join("escape.sst").exists());
+        assert!(!Path::new("/tmp/abs.sst").exists());
+    }
+    // The control case: a valid name passes the name check and fails on the
+    // next rule (a manifest without CURRENT is no database).
+    let (addr, token) = hostile_leader(evil_manifest("000001.sst")).await;
+    let mut cfg = ferry_transfer::SeedConfig::new(&target, addr, ClientAuth::from_token(&token));
+    cfg.reconnects = 0;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(err.to_string().contains("no CURRENT"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_frame_is_refused_without_allocating_it() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let cfg = ferry_transfer::endpoint::client_config(
+        &ClientAuth::from_token(&leader.token),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let conn = endpoint
+        .connect_with(cfg, leader.addr, "ferry")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // A Hello that claims to be 4 GiB long.
+    let mut header = u32::MAX.to_le_bytes().to_vec();
+    header.push(1);
+    send.write_all(&header).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        ferry_transfer::wire::read_frame(&mut recv),
+    )
+    .await
+    .expect("the leader must not wait for 4 GiB");
+    assert!(!matches!(r, Ok(Some(Frame::Welcome { .. }))));
+    // The leader still serves others.
+    let target = tempfile::tempdir().unwrap();
+    ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_empty_target_is_refused() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    let target = tempfile::tempdir().unwrap();
+    std::fs::write(target.path().join("precious.txt"), b"x").unwrap();
+    let err = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SeedError::NotEmpty { .. }), "{err}");
+    assert!(err.to_string().contains("precious.txt"));
+    let db = tempfile::tempdir().unwrap();
+    Store::open(db.path(), opts()).unwrap();
+    let err = ferry_transfer::seed(leader.seed_config(db.path()))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("already holds a database"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_seeds_share_one_checkpoint_which_is_deleted_after_use() {
+    let leader = TestLeader::start(
+        opts(),
+        ServeOptions {
+            checkpoint_grace: Duration::from_millis(200),
+            ..ServeOptions::default()
+        },
+    );
+    fill_incompressible(&leader.store, 1000);
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ra, rb) = tokio::join!(
+        ferry_transfer::seed(leader.seed_config(a.path())),
+        ferry_transfer::seed(leader.seed_config(b.path()))
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(
+        ra.manifest_id, rb.manifest_id,
+        "both seeds use one checkpoint"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !leader.store.checkpoints().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the seed checkpoint was not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,589 @@
+//! Authentication: who may talk to whom.
+//!
+//! Every cluster has one CA. Each node serves a certificate the CA signed,
+//! and a client verifies the server's chain against the CA it *pins by
+//! fingerprint*. Clients authenticate in one of two ways:
+//!
+//! - **Join token** (the default): `ferry1-<CA fingerprint>-<secret>`. The
+//!   leader creates the CA and secret on first start and prints the token.
+//!   The client proves it knows the secret with a keyed blake3 hash over TLS
+//!   keying material exported from *this* session, so the secret never
+//!   crosses the wire and a proof cannot be replayed on another connection.
+//! - **Operator certificates**: a client certificate signed by the cluster CA
+//!   (mutual TLS). `ferry certs` creates a CA and issues node certificates.
+//!
+//! The server also checks that the client names the same cluster (the CA
+//! fingerprint) in its `Hello`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+use crate::protocol::ALPN;
+
+/// The DNS name every ferry node certificate carries and every client asks for.
+pub const SERVER_NAME: &str = "ferry";
+const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry-join-proof";
+const PROOF_CONTEXT: &str = "ferry 2026 join-token proof v1";
+
+/// A CA fingerprint: blake3 of its DER encoding. It names the cluster.
+pub type Fingerprint = [u8; 32];
+
+/// Errors of certificate handling and TLS setup.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// A certificate could not be generated or parsed.
+    #[error("certificate error: {0}")]
+    Cert(String),
+    /// A file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The join token is not of the form `ferry1-<64 hex>-<64 hex>`.
+    #[error("invalid join token: {0}")]
+    BadToken(&'static str),
+    /// rustls refused the configuration.
+    #[error("tls configuration: {0}")]
+    Tls(String),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> AuthError + 'a {
+    move |source| AuthError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The join token: the CA's fingerprint and the join secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub ca: Fingerprint,
+    pub secret: [u8; 32],
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ferry1-{}-{}",
+            hex::encode(self.ca),
+            hex::encode(self.secret)
+        )
+    }
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the secret.
+        write!(
+            f,
+            "JoinToken(ca={}, secret=<redacted>)",
+            hex::encode(&self.ca[..8])
+        )
+    }
+}
+
+impl FromStr for JoinToken {
+    type Err = AuthError;
+    fn from_str(s: &str) -> Result<Self, AuthError> {
+        let rest = s
+            .trim()
+            .strip_prefix("ferry1-")
+            .ok_or(AuthError::BadToken("it must start with ferry1-"))?;
+        let (ca, secret) = rest
+            .split_once('-')
+            .ok_or(AuthError::BadToken("missing secret"))?;
+        let parse = |h: &str| -> Result<[u8; 32], AuthError> {
+            hex::decode(h)
+                .ok()
+                .and_then(|v| v.try_into().ok())
+                .ok_or(AuthError::BadToken("expected 64 hex digits"))
+        };
+        Ok(Self {
+            ca: parse(ca)?,
+            secret: parse(secret)?,
+        })
+    }
+}
+
+/// The proof a client sends in `Hello`: a keyed hash of the session's
+/// exported keying material and its node id.
+pub fn join_proof(secret: &[u8; 32], exported: &[u8; 32], node_id: &str) -> [u8; 32] {
+    let key = blake3::derive_key(PROOF_CONTEXT, secret);
+    let mut h = blake3::Hasher::new_keyed(&key);
+    h.update(exported);
+    h.update(node_id.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// Checks a proof in constant time.
+pub fn check_proof(
+    secret: &[u8; 32],
+    exported: &[u8; 32],
+    node_id: &str,
+    proof: &[u8; 32],
+) -> bool {
+    blake3::Hash::from(join_proof(secret, exported, node_id)) == blake3::Hash::from(*proof)
+}
+
+/// Keying material both ends of a connection derive from its TLS session.
+pub fn exported_keying_material(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, EXPORTER_LABEL, b"")
+        .ok()?;
+    Some(out)
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct CertKey {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// The cluster CA.
+pub struct ClusterCa {
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+impl ClusterCa {
+    /// Generates a new CA.
+    pub fn generate(name: &str) -> Result<Self, AuthError> {
+        let key = rcgen::KeyPair::generate().map_err(cert_err)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(cert_err)?;
+        Ok(Self {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Loads a CA from PEM files.
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, AuthError> {
+        Ok(Self {
+            cert_pem: std::fs::read_to_string(cert).map_err(io_err("read", cert))?,
+            key_pem: std::fs::read_to_string(key).map_err(io_err("read", key))?,
+        })
+    }
+
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    pub fn fingerprint(&self) -> Result<Fingerprint, AuthError> {
+        Ok(fingerprint(&pem_certs(&self.cert_pem)?[0]))
+    }
+
+    /// Issues a certificate for a node, valid as server and client.
+    pub fn issue(&self, node_name: &str) -> Result<CertKey, AuthError> {
+        let ca_key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        let ca = rcgen::CertificateParams::from_ca_cert_pem(&self.cert_pem)
+            .map_err(cert_err)?
+            .self_signed(&ca_key)
+            .map_err(cert_err)?;
+        let key = rcgen::KeyPair::generate().map_err(cert_err)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])
+                .map_err(cert_err)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node_name);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
+        Ok(CertKey {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+fn cert_err(e: impl fmt::Display) -> AuthError {
+    AuthError::Cert(e.to_string())
+}
+
+/// blake3 of a certificate's DER encoding.
+pub fn fingerprint(der: &CertificateDer<'_>) -> Fingerprint {
+    *blake3::hash(der.as_ref()).as_bytes()
+}
+
+/// Parses every certificate in a PEM string.
+pub fn pem_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, AuthError> {
+    let certs: Vec<_> = ::pem::parse_many(pem)
+        .map_err(cert_err)?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| CertificateDer::from(p.into_contents()))
+        .collect();
+    if certs.is_empty() {
+        return Err(AuthError::Cert("no certificate in PEM".into()));
+    }
+    Ok(certs)
+}
+
+fn pem_key(pem: &str) -> Result<PrivateKeyDer<'static>, AuthError> {
+    let p = ::pem::parse_many(pem)
+        .map_err(cert_err)?
+        .into_iter()
+        .find(|p| p.tag() == "PRIVATE KEY")
+        .ok_or_else(|| AuthError::Cert("no PKCS#8 PRIVATE KEY in PEM".into()))?;
+    Ok(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+        p.into_contents(),
+    )))
+}
+
+/// A node's TLS identity: its certificate (signed by the cluster CA), key,
+/// the CA, and how it authenticates clients.
+#[derive(Clone)]
+pub struct NodeAuth {
+    pub ca: CertificateDer<'static>,
+    pub chain: Vec<CertificateDer<'static>>,
+    key: Arc<PrivateKeyDer<'static>>,
+    /// The join secret, when clients may join with a token.
+    pub secret: Option<[u8; 32]>,
+    /// Whether this node presents its certificate as a client too
+    /// (operator-certificate mode).
+    pub client_cert: bool,
+}
+
+impl fmt::Debug for NodeAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeAuth")
+            .field("cluster", &hex::encode(&self.cluster()[..8]))
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeAuth {
+    /// From operator-provided PEM files: the CA, this node's certificate and key.
+    pub fn from_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, AuthError> {
+        let ca = pem_certs(&std::fs::read_to_string(ca).map_err(io_err("read", ca))?)?.remove(0);
+        let mut chain = pem_certs(&std::fs::read_to_string(cert).map_err(io_err("read", cert))?)?;
+        let key = pem_key(&std::fs::read_to_string(key).map_err(io_err("read", key))?)?;
+        if !chain.iter().any(|c| c == &ca) {
+            chain.push(ca.clone());
+        }
+        Ok(Self {
+            ca,
+            chain,
+            key: Arc::new(key),
+            secret: None,
+            client_cert: true,
+        })
+    }
+
+    /// The identity of a leader that owns its cluster: creates the CA, a
+    /// node certificate and the join secret in `dir` on first use, and loads
+    /// them afterwards.
+    pub fn load_or_init(dir: &Path, node_name: &str) -> Result<(Self, JoinToken), AuthError> {
+        let (ca_pem, ca_key, node_pem, node_key, secret) = (
+            dir.join("ca.pem"),
+            dir.join("ca.key"),
+            dir.join("node.pem"),
+            dir.join("node.key"),
+            dir.join("join-secret"),
+        );
+        if !ca_pem.exists() {
+            std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            let ca = ClusterCa::generate("ferry cluster CA")?;
+            let node = ca.issue(node_name)?;
+            let mut s = [0u8; 32];
+            rand::Rng::fill(&mut rand::thread_rng(), &mut s);
+            write_private(&ca_key, ca.key_pem.as_bytes())?;
+            write_private(&node_key, node.key_pem.as_bytes())?;
+            write_private(&secret, hex::encode(s).as_bytes())?;
+            std::fs::write(&node_pem, node.cert_pem).map_err(io_err("write", &node_pem))?;
+            // The CA certificate last: its presence means the set is complete.
+            std::fs::write(&ca_pem, ca.cert_pem).map_err(io_err("write", &ca_pem))?;
+        }
+        let mut auth = Self::from_files(&ca_pem, &node_pem, &node_key)?;
+        let s = std::fs::read_to_string(&secret).map_err(io_err("read", &secret))?;
+        let s: [u8; 32] = hex::decode(s.trim())
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or(AuthError::BadToken("corrupt join-secret file"))?;
+        auth.secret = Some(s);
+        auth.client_cert = false;
+        let token = JoinToken {
+            ca: auth.cluster(),
+            secret: s,
+        };
+        Ok((auth, token))
+    }
+
+    /// The cluster id: the CA's fingerprint.
+    pub fn cluster(&self) -> Fingerprint {
+        fingerprint(&self.ca)
+    }
+
+    /// The server side of TLS: presents the chain; accepts clients with a
+    /// CA-signed certificate, and (when a join secret is set) clients with
+    /// no certificate, who must then prove the secret in `Hello`.
+    pub fn server_crypto(&self) -> Result<rustls::ServerConfig, AuthError> {
+        let provider = provider();
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).map_err(tls)?;
+        let builder =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+        let verifier = if self.secret.is_some() {
+            builder.allow_unauthenticated()
+        } else {
+            builder
+        }
+        .build()
+        .map_err(tls)?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .map_err(tls)?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.max_early_data_size = 0;
+        Ok(cfg)
+    }
+
+    /// The client side of TLS towards another node of this cluster.
+    pub fn client_crypto(&self) -> Result<rustls::ClientConfig, AuthError> {
+        let creds = self
+            .client_cert
+            .then(|| (self.chain.clone(), self.key.clone_key()));
+        client_crypto(self.cluster(), Some(self.ca.clone()), creds)
+    }
+
+    /// Client credentials to reach this cluster: a token-holding identity
+    /// uses its secret, an operator identity its certificate.
+    pub fn client_credentials(&self) -> ClientAuth {
+        ClientAuth {
+            cluster: self.cluster(),
+            ca: Some(self.ca.clone()),
+            secret: self.secret,
+            cert: self
+                .client_cert
+                .then(|| (self.chain.clone(), Arc::clone(&self.key))),
+        }
+    }
+}
+
+/// What a client needs to reach a cluster.
+#[derive(Clone)]
+pub struct ClientAuth {
+    /// The CA fingerprint the server's chain must lead to.
+    pub cluster: Fingerprint,
+    /// The CA certificate, when known (otherwise the server sends it).
+    pub ca: Option<CertificateDer<'static>>,
+    /// The join secret, for token authentication.
+    pub secret: Option<[u8; 32]>,
+    /// A client certificate, for mutual TLS.
+    pub cert: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
+}
+
+impl fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("cluster", &hex::encode(&self.cluster[..8]))
+            .field("token", &self.secret.is_some())
+            .field("cert", &self.cert.is_some())
+            .finish()
+    }
+}
+
+impl ClientAuth {
+    pub fn from_token(token: &JoinToken) -> Self {
+        Self {
+            cluster: token.ca,
+            ca: None,
+            secret: Some(token.secret),
+            cert: None,
+        }
+    }
+
+    pub fn crypto(&self) -> Result<rustls::ClientConfig, AuthError> {
+        let creds = self.cert.as_ref().map(|(c, k)| (c.clone(), k.clone_key()));
+        client_crypto(self.cluster, self.ca.clone(), creds)
+    }
+}
+
+fn client_crypto(
+    cluster: Fingerprint,
+    ca: Option<CertificateDer<'static>>,
+    creds: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<rustls::ClientConfig, AuthError> {
+    let provider = provider();
+    let verifier = Arc::new(PinnedCa {
+        cluster,
+        ca,
+        provider: provider.clone(),
+    });
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut cfg = match creds {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).map_err(tls)?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls(e: impl fmt::Display) -> AuthError {
+    AuthError::Tls(e.to_string())
+}
+
+/// Verifies a server's chain against the cluster CA, identified by its
+/// fingerprint. The CA certificate comes from configuration or from the
+/// chain the server sends; either way its fingerprint must match.
+#[derive(Debug)]
+struct PinnedCa {
+    cluster: Fingerprint,
+    ca: Option<CertificateDer<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = self
+            .ca
+            .iter()
+            .chain(intermediates.iter())
+            .find(|c| fingerprint(c) == self.cluster)
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Writes a secret file readable by its owner only.
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), AuthError> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    let mut f = o.open(path).map_err(io_err("create", path))?;
+    f.write_all(data).map_err(io_err("write", path))?;
+    f.sync_all().map_err(io_err("sync", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_round_trip_and_redaction() {
+        let t = JoinToken {
+            ca: [7; 32],
+            secret: [9; 32],
+        };
+        let s = t.to_string();
+        assert_eq!(s.parse::<JoinToken>().unwrap(), t);
+        assert!(!format!("{t:?}").contains("0909"));
+        assert!("ferry2-aa-bb".parse::<JoinToken>().is_err());
+        assert!("ferry1-zz-bb".parse::<JoinToken>().is_err());
+    }
+
+    #[test]
+    fn proofs_bind_secret_session_and_node() {
+        let (s, e) = ([1; 32], [2; 32]);
+        let p = join_proof(&s, &e, "n1");
+        assert!(check_proof(&s, &e, "n1", &p));
+        assert!(!check_proof(&[3; 32], &e, "n1", &p));
+        assert!(!check_proof(&s, &[4; 32], "n1", &p));
+        assert!(!check_proof(&s, &e, "n2", &p));
+    }
+
+    #[test]
+    fn ca_issues_node_certs_and_configs_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let (auth, token) = NodeAuth::load_or_init(dir.path(), "leader").unwrap();
+        assert_eq!(token.ca, auth.cluster());
+        let (again, token2) = NodeAuth::load_or_init(dir.path(), "leader").unwrap();
+        assert_eq!(token, token2);
+        assert_eq!(again.cluster(), auth.cluster());
+        auth.server_crypto().unwrap();
+        ClientAuth::from_token(&token).crypto().unwrap();
+    }
+}

@@ -1,0 +1,717 @@
+//! The serving side: answers seeds from checkpoints, and hands replication
+//! streams to a [`StreamHandler`].
+//!
+//! A connection is served only after its `Hello` authenticates (a CA-signed
+//! client certificate, or a join-token proof bound to this TLS session);
+//! until then no other stream is even accepted. One checkpoint serves every
+//! seed that starts while it is fresh; it is deleted once no seed has used it
+//! for the grace period.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_engine::{CheckpointInfo, Manifest, Store};
+use parking_lot::Mutex;
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::Semaphore;
+
+use crate::auth::{check_proof, exported_keying_material, NodeAuth};
+use crate::protocol::{Codec, ErrorCode, Frame, Role, PROTOCOL_VERSION};
+use crate::wire::{expect_frame, read_frame, send_error, write_frame, WireError};
+
+/// How chunks are compressed.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Compression {
+    /// Never compress.
+    Off,
+    /// Compress the files whose first chunk shrinks by at least the given
+    /// ratio at the given zstd level (block-compressed SSTs usually do not,
+    /// WAL, MANIFEST and uncompressed SSTs do).
+    Auto { level: i32, min_ratio: f32 },
+    /// Compress every chunk; send it compressed when that saves 5 %.
+    Always { level: i32 },
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression::Auto {
+            level: 1,
+            min_ratio: 2.0,
+        }
+    }
+}
+
+/// Test-only fault injection; inert unless a test arms it.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Corrupt this many of the next chunk replies (one byte flipped after
+    /// the hash was taken, as a bad disk or buggy sender would).
+    pub corrupt_chunks: AtomicU32,
+}
+
+/// Settings of the serving side.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub node_id: String,
+    /// Upper bound on chunk bytes sent per second, across all seeds.
+    pub max_rate: Option<u64>,
+    pub compression: Compression,
+    /// How long an unused checkpoint is kept for a seed that reconnects.
+    pub checkpoint_grace: Duration,
+    /// A checkpoint younger than this is reused by a new seed.
+    pub checkpoint_reuse: Duration,
+    /// Chunk requests served at once per connection.
+    pub max_chunks_in_flight: usize,
+    pub faults: Arc<Faults>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            node_id: "leader".into(),
+            max_rate: None,
+            compression: Compression::default(),
+            checkpoint_grace: Duration::from_secs(60),
+            checkpoint_reuse: Duration::from_secs(600),
+            max_chunks_in_flight: 64,
+            faults: Arc::default(),
+        }
+    }
+}
+
+/// Counters of the serving side.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub seeds_started: AtomicU64,
+    pub seeds_completed: AtomicU64,
+    pub chunks_served: AtomicU64,
+    pub chunk_bytes_raw: AtomicU64,
+    pub chunk_bytes_sent: AtomicU64,
+    pub auth_failures: AtomicU64,
+}
+
+/// A handler for streams that are not part of seeding (replication).
+pub trait StreamHandler: Send + Sync + 'static {
+    /// Called for an authenticated stream whose first frame is `first`.
+    fn handle(
+        &self,
+        peer: Peer,
+        first: Frame,
+        send: SendStream,
+        recv: RecvStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+}
+
+/// Where seed checkpoints come from. The store is the real source; tests
+/// use others to serve files of chosen sizes.
+pub trait SnapshotSource: Send + Sync + 'static {
+    /// Takes a checkpoint and builds its manifest (blocking).
+    fn take(&self) -> Result<(CheckpointInfo, Manifest), ferry_engine::Error>;
+    /// Deletes a checkpoint no seed needs any more (blocking).
+    fn release(&self, cp: &CheckpointInfo);
+}
+
+impl SnapshotSource for Store {
+    fn take(&self) -> Result<(CheckpointInfo, Manifest), ferry_engine::Error> {
+        let info = self.checkpoint_tagged(SEED_TAG)?;
+        match self.manifest(&info) {
+            Ok((manifest, stats)) => {
+                tracing::info!(checkpoint = %info.name, seq = info.seq, hashed_files = stats.files_hashed, cached_files = stats.cache_hits, "checkpoint ready");
+                Ok((info, manifest))
+            }
+            Err(e) => {
+                let _ = self.delete_checkpoint(&info.name);
+                Err(e)
+            }
+        }
+    }
+
+    fn release(&self, cp: &CheckpointInfo) {
+        if let Err(e) = self.delete_checkpoint(&cp.name) {
+            tracing::warn!(checkpoint = %cp.name, error = %e, "could not delete a seed checkpoint");
+        }
+    }
+}
+
+/// An authenticated peer.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub node_id: String,
+    pub role: Role,
+    pub conn: Connection,
+}
+
+/// The serving side of a node.
+pub struct Server {
+    store: Store,
+    auth: NodeAuth,
+    opts: ServeOptions,
+    registry: Registry,
+    limiter: Option<RateLimiter>,
+    pub stats: ServerStats,
+    streams: Mutex<Option<Arc<dyn StreamHandler>>>,
+}
+
+impl Server {
+    pub fn new(store: Store, auth: NodeAuth, opts: ServeOptions) -> Arc<Self> {
+        Self::with_source(store.clone(), Arc::new(store), auth, opts)
+    }
+
+    /// A server whose seeds come from `source` instead of the store.
+    pub fn with_source(
+        store: Store,
+        source: Arc<dyn SnapshotSource>,
+        auth: NodeAuth,
+        opts: ServeOptions,
+    ) -> Arc<Self> {
+        let limiter = opts.max_rate.map(RateLimiter::new);
+        Arc::new(Self {
+            registry: Registry::new(source),
+            store,
+            auth,
+            opts,
+            limiter,
+            stats: ServerStats::default(),
+            streams: Mutex::new(None),
+        })
+    }
+
+    /// Installs the handler for replication streams.
+    pub fn set_stream_handler(&self, h: Arc<dyn StreamHandler>) {
+        *self.streams.lock() = Some(h);
+    }
+
+    /// The fault injection switches (tests only arm them).
+    pub fn faults(&self) -> Arc<Faults> {
+        Arc::clone(&self.opts.faults)
+    }
+
+    /// Seeds in progress (checkpoints leased).
+    pub fn active_seeds(&self) -> usize {
+        self.registry
+            .inner
+            .lock()
+            .held
+            .iter()
+            .map(|h| h.users)
+            .sum()
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn run(self: Arc<Self>, endpoint: Endpoint) {
+        // Checkpoints left by a previous run serve no seed any more.
+        if let Ok(cps) = self.store.checkpoints() {
+            for cp in cps.into_iter().filter(|c| c.name.ends_with(SEED_TAG)) {
+                let _ = self.store.delete_checkpoint(&cp.name);
+            }
+        }
+        let reaper = tokio::spawn({
+            let this = Arc::clone(&self);
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    this.registry.reap(this.opts.checkpoint_grace).await;
+                }
+            }
+        });
+        while let Some(incoming) = endpoint.accept().await {
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                let peer = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        if let Err(e) = this.serve_connection(conn).await {
+                            tracing::debug!(%peer, error = %e, "connection ended");
+                        }
+                    }
+                    Err(e) => tracing::info!(%peer, error = %e, "handshake failed"),
+                }
+            });
+        }
+        reaper.abort();
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: Connection) -> Result<(), WireError> {
+        let addr = conn.remote_address();
+        let Ok(Ok((mut send, mut recv))) =
+            tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+        else {
+            conn.close((ErrorCode::Protocol as u32).into(), b"no hello");
+            return Ok(());
+        };
+        let hello =
+            match tokio::time::timeout(Duration::from_secs(10), expect_frame(&mut recv)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    conn.close((ErrorCode::Protocol as u32).into(), b"hello timeout");
+                    return Ok(());
+                }
+            };
+        let peer = match self.authenticate(&conn, hello) {
+            Ok(p) => p,
+            Err((code, msg)) => {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %addr, ?code, "refused: {msg}");
+                send_error(&mut send, code, msg).await;
+                // Let the error frame arrive before closing.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                conn.close((code as u32).into(), b"refused");
+                return Ok(());
+            }
+        };
+        tracing::info!(peer = %addr, node = %peer.node_id, role = ?peer.role, "peer authenticated");
+        write_frame(
+            &mut send,
+            &Frame::Welcome {
+                version: PROTOCOL_VERSION,
+                node_id: self.opts.node_id.clone(),
+                latest_seq: self.store.latest_seq(),
+            },
+        )
+        .await?;
+
+        let leases: Arc<Mutex<HashMap<u64, Lease>>> = Arc::default();
+        let control =
+            tokio::spawn(Arc::clone(&self).control_stream(send, recv, Arc::clone(&leases)));
+        let chunk_slots = Arc::new(Semaphore::new(self.opts.max_chunks_in_flight));
+        loop {
+            let (send, mut recv) = match conn.accept_bi().await {
+                Ok(s) => s,
+                Err(_) => break,
+            };
+            let this = Arc::clone(&self);
+            let leases = Arc::clone(&leases);
+            let slots = Arc::clone(&chunk_slots);
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let first = match read_frame(&mut recv).await {
+                    Ok(Some(f)) => f,
+                    _ => return,
+                };
+                match first {
+                    Frame::ChunkRequest {
+                        session,
+                        file,
+                        chunk,
+                    } => {
+                        let Ok(_permit) = slots.acquire().await else {
+                            return;
+                        };
+                        let cp = leases.lock().get(&session).map(|l| Arc::clone(&l.cp));
+                        this.serve_chunk(cp, file, chunk, send).await;
+                    }
+                    other => {
+                        let handler = this.streams.lock().clone();
+                        match handler {
+                            Some(h) => h.handle(peer, other, send, recv).await,
+                            None => {
+                                let mut send = send;
+                                send_error(
+                                    &mut send,
+                                    ErrorCode::Unavailable,
+                                    format!("{} is not served here", other.name()),
+                                )
+                                .await
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        control.abort();
+        leases.lock().clear();
+        Ok(())
+    }
+
+    fn authenticate(&self, conn: &Connection, hello: Frame) -> Result<Peer, (ErrorCode, String)> {
+        let Frame::Hello {
+            version,
+            role,
+            node_id,
+            cluster,
+            proof,
+        } = hello
+        else {
+            return Err((ErrorCode::Protocol, "expected Hello".into()));
+        };
+        if version != PROTOCOL_VERSION {
+            return Err((ErrorCode::Version, format!("protocol version {version} is not supported (this node speaks {PROTOCOL_VERSION})")));
+        }
+        if cluster != self.auth.cluster() {
+            return Err((
+                ErrorCode::WrongCluster,
+                "the join token or CA belongs to another cluster".into(),
+            ));
+        }
+        // A client certificate was verified against the cluster CA by rustls.
+        let by_cert = conn.peer_identity().is_some();
+        let by_token = match (self.auth.secret, exported_keying_material(conn)) {
+            (Some(secret), Some(exported)) => check_proof(&secret, &exported, &node_id, &proof),
+            _ => false,
+        };
+        if !(by_cert || by_token) {
+            return Err((
+                ErrorCode::Unauthorized,
+                "authentication failed: wrong or missing join token".into(),
+            ));
+        }
+        Ok(Peer {
+            addr: conn.remote_address(),
+            node_id,
+            role,
+            conn: conn.clone(),
+        })
+    }
+
+    async fn control_stream(
+        self: Arc<Self>,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        leases: Arc<Mutex<HashMap<u64, Lease>>>,
+    ) {
+        loop {
+            let frame = match read_frame(&mut recv).await {
+                Ok(Some(f)) => f,
+                _ => return,
+            };
+            let reply = match frame {
+                Frame::ManifestRequest => {
+                    match self.registry.acquire(self.opts.checkpoint_reuse).await {
+                        Ok(lease) => {
+                            self.stats.seeds_started.fetch_add(1, Ordering::Relaxed);
+                            let f = Frame::ManifestReply {
+                                session: lease.cp.id,
+                                manifest: lease.cp.encoded.clone(),
+                            };
+                            tracing::info!(
+                                seq = lease.cp.manifest.seq,
+                                files = lease.cp.manifest.files.len(),
+                                bytes = lease.cp.manifest.total_bytes(),
+                                "serving seed"
+                            );
+                            leases.lock().insert(lease.cp.id, lease);
+                            f
+                        }
+                        Err(e) => Frame::Error {
+                            code: ErrorCode::Internal,
+                            message: format!("checkpoint failed: {e}"),
+                        },
+                    }
+                }
+                Frame::SeedDone { session } => {
+                    if leases.lock().remove(&session).is_some() {
+                        self.stats.seeds_completed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Frame::SeedDoneAck
+                }
+                other => {
+                    send_error(
+                        &mut send,
+                        ErrorCode::Protocol,
+                        format!("unexpected {} on the control stream", other.name()),
+                    )
+                    .await;
+                    return;
+                }
+            };
+            if write_frame(&mut send, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn serve_chunk(
+        &self,
+        cp: Option<Arc<SeedCheckpoint>>,
+        file: u32,
+        chunk: u32,
+        mut send: SendStream,
+    ) {
+        let Some(cp) = cp else {
+            return send_error(
+                &mut send,
+                ErrorCode::NotFound,
+                "no such seed session on this connection",
+            )
+            .await;
+        };
+        let compression = self.opts.compression;
+        let read = tokio::task::spawn_blocking(move || {
+            cp.read_chunk(file as usize, chunk as usize, compression)
+        })
+        .await;
+        let (codec, raw_len, mut data) = match read {
+            Ok(Ok(r)) => r,
+            Ok(Err((code, msg))) => return send_error(&mut send, code, msg).await,
+            Err(e) => return send_error(&mut send, ErrorCode::Internal, e.to_string()).await,
+        };
+        if self
+            .opts
+            .faults
+            .corrupt_chunks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+            && !data.is_empty()
+        {
+            let mut v = data.to_vec();
+            v[0] ^= 0xff;
+            data = Bytes::from(v);
+        }
+        if let Some(l) = &self.limiter {
+            l.acquire(data.len() as u64).await;
+        }
+        self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .chunk_bytes_raw
+            .fetch_add(u64::from(raw_len), Ordering::Relaxed);
+        self.stats
+            .chunk_bytes_sent
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        if write_frame(
+            &mut send,
+            &Frame::ChunkReply {
+                codec,
+                raw_len,
+                data,
+            },
+        )
+        .await
+        .is_ok()
+        {
+            let _ = send.finish();
+        }
+    }
+}
+
+/// The suffix of checkpoints made for seeds (deleted by the server).
+pub const SEED_TAG: &str = "-seed";
+
+/// A checkpoint with its manifest, open for chunk reads.
+pub struct SeedCheckpoint {
+    pub id: u64,
+    pub info: CheckpointInfo,
+    pub manifest: Manifest,
+    encoded: Bytes,
+    files: Vec<OnceLock<std::fs::File>>,
+    compress: Vec<OnceLock<bool>>,
+}
+
+impl SeedCheckpoint {
+    fn read_chunk(
+        &self,
+        file: usize,
+        chunk: usize,
+        compression: Compression,
+    ) -> Result<(Codec, u32, Bytes), (ErrorCode, String)> {
+        use std::os::unix::fs::FileExt;
+        let entry = self
+            .manifest
+            .files
+            .get(file)
+            .ok_or((ErrorCode::NotFound, format!("no file {file}")))?;
+        if chunk >= entry.chunks.len() {
+            return Err((
+                ErrorCode::NotFound,
+                format!("no chunk {chunk} in {}", entry.name),
+            ));
+        }
+        let (start, end) = entry.chunk_range(chunk, self.manifest.chunk_size);
+        let path = self.info.path.join(entry.name.as_str());
+        let f = match self.files[file].get() {
+            Some(f) => f,
+            None => {
+                let opened = std::fs::File::open(&path)
+                    .map_err(|e| (ErrorCode::Internal, format!("open {}: {e}", path.display())))?;
+                self.files[file].get_or_init(|| opened)
+            }
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        f.read_exact_at(&mut buf, start)
+            .map_err(|e| (ErrorCode::Internal, format!("read {}: {e}", path.display())))?;
+        let raw_len = buf.len() as u32;
+        let (level, worth) = match compression {
+            Compression::Off => return Ok((Codec::Raw, raw_len, Bytes::from(buf))),
+            Compression::Always { level } => (level, true),
+            Compression::Auto { level, min_ratio } => {
+                let worth = *self.compress[file].get_or_init(|| {
+                    let sample = &buf[..buf.len().min(256 * 1024)];
+                    match zstd::bulk::compress(sample, level) {
+                        Ok(c) => sample.len() as f32 >= c.len().max(1) as f32 * min_ratio,
+                        Err(_) => false,
+                    }
+                });
+                (level, worth)
+            }
+        };
+        if worth {
+            if let Ok(c) = zstd::bulk::compress(&buf, level) {
+                if (c.len() as u64) * 100 < u64::from(raw_len) * 95 {
+                    return Ok((Codec::Zstd, raw_len, Bytes::from(c)));
+                }
+            }
+        }
+        Ok((Codec::Raw, raw_len, Bytes::from(buf)))
+    }
+}
+
+struct Held {
+    cp: Arc<SeedCheckpoint>,
+    users: usize,
+    created: Instant,
+    idle_since: Option<Instant>,
+}
+
+struct RegistryInner {
+    held: Vec<Held>,
+}
+
+/// The checkpoints that seeds use, with their users.
+struct Registry {
+    source: Arc<dyn SnapshotSource>,
+    inner: Arc<Mutex<RegistryInner>>,
+    creating: tokio::sync::Mutex<()>,
+}
+
+/// One seed's use of a checkpoint; released on drop.
+struct Lease {
+    cp: Arc<SeedCheckpoint>,
+    inner: Arc<Mutex<RegistryInner>>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut g = self.inner.lock();
+        if let Some(h) = g.held.iter_mut().find(|h| h.cp.id == self.cp.id) {
+            h.users = h.users.saturating_sub(1);
+            if h.users == 0 {
+                h.idle_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+impl Registry {
+    fn new(source: Arc<dyn SnapshotSource>) -> Self {
+        Self {
+            source,
+            inner: Arc::new(Mutex::new(RegistryInner { held: Vec::new() })),
+            creating: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn try_reuse(&self, reuse: Duration) -> Option<Lease> {
+        let mut g = self.inner.lock();
+        let h = g
+            .held
+            .iter_mut()
+            .filter(|h| h.created.elapsed() < reuse)
+            .max_by_key(|h| h.created)?;
+        h.users += 1;
+        h.idle_since = None;
+        Some(Lease {
+            cp: Arc::clone(&h.cp),
+            inner: Arc::clone(&self.inner),
+        })
+    }
+
+    async fn acquire(&self, reuse: Duration) -> Result<Lease, ferry_engine::Error> {
+        if let Some(l) = self.try_reuse(reuse) {
+            return Ok(l);
+        }
+        let _creating = self.creating.lock().await;
+        if let Some(l) = self.try_reuse(reuse) {
+            return Ok(l);
+        }
+        let source = Arc::clone(&self.source);
+        let cp =
+            tokio::task::spawn_blocking(move || -> Result<SeedCheckpoint, ferry_engine::Error> {
+                let (info, manifest) = source.take()?;
+                let n = manifest.files.len();
+                Ok(SeedCheckpoint {
+                    id: rand::random(),
+                    encoded: Bytes::from(manifest.encode()),
+                    info,
+                    manifest,
+                    files: (0..n).map(|_| OnceLock::new()).collect(),
+                    compress: (0..n).map(|_| OnceLock::new()).collect(),
+                })
+            })
+            .await
+            .map_err(|e| ferry_engine::Error::Malformed {
+                what: "checkpoint task",
+                reason: e.to_string(),
+            })??;
+        let cp = Arc::new(cp);
+        self.inner.lock().held.push(Held {
+            cp: Arc::clone(&cp),
+            users: 1,
+            created: Instant::now(),
+            idle_since: None,
+        });
+        Ok(Lease {
+            cp,
+            inner: Arc::clone(&self.inner),
+        })
+    }
+
+    /// Deletes checkpoints no seed has used for `grace`.
+    async fn reap(&self, grace: Duration) {
+        let expired: Vec<Arc<SeedCheckpoint>> = {
+            let mut g = self.inner.lock();
+            let (gone, keep): (Vec<_>, Vec<_>) = g
+                .held
+                .drain(..)
+                .partition(|h| h.users == 0 && h.idle_since.is_some_and(|t| t.elapsed() >= grace));
+            g.held = keep;
+            gone.into_iter().map(|h| h.cp).collect()
+        };
+        for cp in expired {
+            let source = Arc::clone(&self.source);
+            let info = cp.info.clone();
+            drop(cp);
+            let name = info.name.clone();
+            let _ = tokio::task::spawn_blocking(move || source.release(&info)).await;
+            tracing::info!(checkpoint = %name, "seed checkpoint released");
+        }
+    }
+}
+
+/// A token bucket shared by every seed of this server.
+struct RateLimiter {
+    rate: f64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl RateLimiter {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            state: Mutex::new((0.0, Instant::now())),
+        }
+    }
+
+    async fn acquire(&self, n: u64) {
+        let wait = {
+            let mut s = self.state.lock();
+            let now = Instant::now();
+            // Allow a burst of a quarter second.
+            let burst = self.rate / 4.0;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(burst);
+            s.1 = now;
+            s.0 -= n as f64;
+            if s.0 < 0.0 {
+                Duration::from_secs_f64(-s.0 / self.rate)
+            } else {
+                Duration::ZERO
+            }
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}

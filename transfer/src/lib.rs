@@ -1,0 +1,25 @@
+//! ferry's QUIC transfer: the wire protocol, authentication, and both ends
+//! of a seed (moving a checkpoint to a new node).
+//!
+//! - [`protocol`]: frames and their codec, with no I/O.
+//! - [`auth`]: the cluster CA, join tokens, TLS configuration.
+//! - [`endpoint`]: quinn endpoints tuned for bulk transfer.
+//! - [`leader`]: the serving side (seeds from checkpoints).
+//! - [`seed`]: the receiving side (verified, parallel, resumable).
+//! - [`client`], [`wire`]: connecting, and frames over streams.
+//!
+//! Only this crate names quinn types.
+
+pub mod auth;
+pub mod client;
+pub mod endpoint;
+pub mod leader;
+pub mod protocol;
+pub mod seed;
+pub mod wire;
+
+pub use auth::{ClientAuth, JoinToken, NodeAuth};
+pub use endpoint::TransportOptions;
+pub use leader::{Compression, ServeOptions, Server};
+pub use quinn;
+pub use seed::{seed, Progress, SeedConfig, SeedError, SeedReport};

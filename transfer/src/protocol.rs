@@ -1,0 +1,735 @@
+//! ferry's wire protocol.
+//!
+//! **Goals:** move a checkpoint's files from a leader to a new node as
+//! verified chunks, many in flight on one QUIC connection, so that an
+//! interrupted seed resumes; and carry the replication stream.
+//! **Non-goals:** encryption and integrity of bytes in transit (QUIC/TLS
+//! does that), and general file transfer (only RocksDB file names).
+//!
+//! Every message is one frame: `len: u32 LE | type: u8 | body` where `len`
+//! counts the body only. A reader checks `len` against the maximum for that
+//! type *before* it allocates anything ([`FrameHeader::parse`]). Decoding is
+//! plain code with no I/O ([`Frame::decode`]); [`crate::wire`] drives it over
+//! quinn streams.
+//!
+//! Stream grammar:
+//!
+//! ```text
+//! control stream (the first bi stream the client opens):
+//!   C: Hello            S: Welcome | Error
+//!   C: ManifestRequest  S: ManifestReply | Error      (repeatable)
+//!   C: SeedDone         S: SeedDoneAck
+//! chunk streams (one bi stream per chunk, only after Welcome):
+//!   C: ChunkRequest     S: ChunkReply | Error
+//! replication stream (after Welcome):
+//!   C: Subscribe        S: Batches*  |  C: Applied* (acknowledgements)
+//! ```
+
+use bytes::{Buf, BufMut, Bytes};
+use ferry_engine::manifest::MAX_CHUNK_SIZE;
+use ferry_engine::Seq;
+
+/// The ALPN of ferry's protocol.
+pub const ALPN: &[u8] = b"ferry/1";
+/// The protocol version carried in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The size of a frame header.
+pub const HEADER_LEN: usize = 5;
+/// The largest control frame body.
+pub const MAX_CONTROL_FRAME: u32 = 64 * 1024;
+/// The largest manifest a peer may send (about 4 TiB of data at 2 MiB chunks).
+pub const MAX_MANIFEST_FRAME: u32 = 64 << 20;
+/// The largest chunk frame body: a chunk plus its small header.
+pub const MAX_CHUNK_FRAME: u32 = MAX_CHUNK_SIZE + 64;
+/// The largest batches frame body.
+pub const MAX_BATCHES_FRAME: u32 = 64 << 20;
+/// The most batches one `Batches` frame may carry.
+pub const MAX_BATCHES_PER_FRAME: u32 = 100_000;
+/// The longest node id.
+pub const MAX_NODE_ID: usize = 64;
+/// The longest error message.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// Error codes carried by `Error` frames and QUIC close codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The peer sent something that breaks the protocol.
+    Protocol = 1,
+    /// The peer did not authenticate.
+    Unauthorized = 2,
+    /// The peer speaks another protocol version.
+    Version = 3,
+    /// The peer belongs to another cluster.
+    WrongCluster = 4,
+    /// No such seed session, file or chunk.
+    NotFound = 5,
+    /// The node failed to do what was asked.
+    Internal = 6,
+    /// The node is not in a state to serve this (a follower asked to lead).
+    Unavailable = 7,
+    /// The WAL no longer holds what was asked for: re-seed.
+    WalPurged = 8,
+    /// An unknown code from a newer peer.
+    Unknown = 0xffff,
+}
+
+impl ErrorCode {
+    pub fn from_u16(v: u16) -> Self {
+        match v {
+            1 => Self::Protocol,
+            2 => Self::Unauthorized,
+            3 => Self::Version,
+            4 => Self::WrongCluster,
+            5 => Self::NotFound,
+            6 => Self::Internal,
+            7 => Self::Unavailable,
+            8 => Self::WalPurged,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+/// What a connecting node wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    /// A node that only seeds (one-shot `ferry seed`).
+    Seeder = 1,
+    /// A follower that seeds and replicates.
+    Follower = 2,
+    /// An operator tool reading status.
+    Observer = 3,
+}
+
+impl Role {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Seeder),
+            2 => Some(Self::Follower),
+            3 => Some(Self::Observer),
+            _ => None,
+        }
+    }
+}
+
+/// How a chunk's bytes are encoded in a `ChunkReply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Codec {
+    Raw = 0,
+    Zstd = 1,
+}
+
+/// One protocol message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        version: u16,
+        role: Role,
+        node_id: String,
+        cluster: [u8; 32],
+        proof: [u8; 32],
+    },
+    Welcome {
+        version: u16,
+        node_id: String,
+        latest_seq: Seq,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    ManifestRequest,
+    ManifestReply {
+        session: u64,
+        manifest: Bytes,
+    },
+    ChunkRequest {
+        session: u64,
+        file: u32,
+        chunk: u32,
+    },
+    ChunkReply {
+        codec: Codec,
+        raw_len: u32,
+        data: Bytes,
+    },
+    SeedDone {
+        session: u64,
+    },
+    SeedDoneAck,
+    /// Ask for every batch after `after`, then live batches.
+    Subscribe {
+        after: Seq,
+    },
+    /// Consecutive batches: `(first sequence, count, RocksDB batch bytes)`.
+    Batches {
+        batches: Vec<(Seq, u32, Bytes)>,
+    },
+    /// The follower has durably applied everything up to `seq`.
+    Applied {
+        seq: Seq,
+    },
+}
+
+/// The type byte of each frame.
+mod ty {
+    pub const HELLO: u8 = 1;
+    pub const WELCOME: u8 = 2;
+    pub const ERROR: u8 = 3;
+    pub const MANIFEST_REQUEST: u8 = 4;
+    pub const MANIFEST_REPLY: u8 = 5;
+    pub const CHUNK_REQUEST: u8 = 6;
+    pub const CHUNK_REPLY: u8 = 7;
+    pub const SEED_DONE: u8 = 8;
+    pub const SEED_DONE_ACK: u8 = 9;
+    pub const SUBSCRIBE: u8 = 10;
+    pub const BATCHES: u8 = 11;
+    pub const APPLIED: u8 = 12;
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The type byte names no frame.
+    #[error("unknown frame type {0}")]
+    UnknownType(u8),
+    /// The length prefix exceeds the maximum for the frame type.
+    #[error("frame type {ty} of {len} bytes exceeds the maximum {max}")]
+    TooLarge { ty: u8, len: u32, max: u32 },
+    /// The body ended early or has bytes left over.
+    #[error("frame type {ty} has a malformed body: {reason}")]
+    Malformed { ty: u8, reason: &'static str },
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub ty: u8,
+    pub len: u32,
+}
+
+impl FrameHeader {
+    /// Parses and bounds a header; nothing is allocated for a frame that is
+    /// refused here.
+    pub fn parse(b: [u8; HEADER_LEN]) -> Result<Self, DecodeError> {
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let ty = b[4];
+        let max = max_len(ty).ok_or(DecodeError::UnknownType(ty))?;
+        if len > max {
+            return Err(DecodeError::TooLarge { ty, len, max });
+        }
+        Ok(Self { ty, len })
+    }
+}
+
+fn max_len(ty: u8) -> Option<u32> {
+    Some(match ty {
+        ty::MANIFEST_REPLY => MAX_MANIFEST_FRAME,
+        ty::CHUNK_REPLY => MAX_CHUNK_FRAME,
+        ty::BATCHES => MAX_BATCHES_FRAME,
+        1..=12 => MAX_CONTROL_FRAME,
+        _ => return None,
+    })
+}
+
+impl Frame {
+    fn ty(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => ty::HELLO,
+            Frame::Welcome { .. } => ty::WELCOME,
+            Frame::Error { .. } => ty::ERROR,
+            Frame::ManifestRequest => ty::MANIFEST_REQUEST,
+            Frame::ManifestReply { .. } => ty::MANIFEST_REPLY,
+            Frame::ChunkRequest { .. } => ty::CHUNK_REQUEST,
+            Frame::ChunkReply { .. } => ty::CHUNK_REPLY,
+            Frame::SeedDone { .. } => ty::SEED_DONE,
+            Frame::SeedDoneAck => ty::SEED_DONE_ACK,
+            Frame::Subscribe { .. } => ty::SUBSCRIBE,
+            Frame::Batches { .. } => ty::BATCHES,
+            Frame::Applied { .. } => ty::APPLIED,
+        }
+    }
+
+    /// A short name for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Error { .. } => "Error",
+            Frame::ManifestRequest => "ManifestRequest",
+            Frame::ManifestReply { .. } => "ManifestReply",
+            Frame::ChunkRequest { .. } => "ChunkRequest",
+            Frame::ChunkReply { .. } => "ChunkReply",
+            Frame::SeedDone { .. } => "SeedDone",
+            Frame::SeedDoneAck => "SeedDoneAck",
+            Frame::Subscribe { .. } => "Subscribe",
+            Frame::Batches { .. } => "Batches",
+            Frame::Applied { .. } => "Applied",
+        }
+    }
+
+    /// Encodes the header and the body of small frames; for frames that
+    /// carry bulk bytes (`ManifestReply`, `ChunkReply`) the bulk is returned
+    /// separately so that it is written to the stream without a copy.
+    pub fn encode_split(&self, out: &mut Vec<u8>) -> Option<Bytes> {
+        let start = out.len();
+        out.put_u32_le(0);
+        out.put_u8(self.ty());
+        let mut bulk = None;
+        match self {
+            Frame::Hello {
+                version,
+                role,
+                node_id,
+                cluster,
+                proof,
+            } => {
+                out.put_u16_le(*version);
+                out.put_u8(*role as u8);
+                put_str8(out, node_id);
+                out.put_slice(cluster);
+                out.put_slice(proof);
+            }
+            Frame::Welcome {
+                version,
+                node_id,
+                latest_seq,
+            } => {
+                out.put_u16_le(*version);
+                put_str8(out, node_id);
+                out.put_u64_le(*latest_seq);
+            }
+            Frame::Error { code, message } => {
+                out.put_u16_le(*code as u16);
+                let m = truncate(message, MAX_MESSAGE);
+                out.put_u16_le(m.len() as u16);
+                out.put_slice(m.as_bytes());
+            }
+            Frame::ManifestRequest | Frame::SeedDoneAck => {}
+            Frame::ManifestReply { session, manifest } => {
+                out.put_u64_le(*session);
+                bulk = Some(manifest.clone());
+            }
+            Frame::ChunkRequest {
+                session,
+                file,
+                chunk,
+            } => {
+                out.put_u64_le(*session);
+                out.put_u32_le(*file);
+                out.put_u32_le(*chunk);
+            }
+            Frame::ChunkReply {
+                codec,
+                raw_len,
+                data,
+            } => {
+                out.put_u8(*codec as u8);
+                out.put_u32_le(*raw_len);
+                bulk = Some(data.clone());
+            }
+            Frame::SeedDone { session } => out.put_u64_le(*session),
+            Frame::Subscribe { after } => out.put_u64_le(*after),
+            Frame::Batches { batches } => {
+                out.put_u32_le(batches.len() as u32);
+                for (first, count, data) in batches {
+                    out.put_u64_le(*first);
+                    out.put_u32_le(*count);
+                    out.put_u32_le(data.len() as u32);
+                    out.put_slice(data);
+                }
+            }
+            Frame::Applied { seq } => out.put_u64_le(*seq),
+        }
+        let len = out.len() - start - HEADER_LEN + bulk.as_ref().map_or(0, |b| b.len());
+        out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        bulk
+    }
+
+    /// Encodes the whole frame into one buffer.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        if let Some(bulk) = self.encode_split(out) {
+            out.extend_from_slice(&bulk);
+        }
+    }
+
+    /// Decodes a frame body of the type named in its header.
+    pub fn decode(header: FrameHeader, mut body: Bytes) -> Result<Self, DecodeError> {
+        let t = header.ty;
+        let short = DecodeError::Malformed {
+            ty: t,
+            reason: "truncated",
+        };
+        macro_rules! need {
+            ($n:expr) => {
+                if body.remaining() < $n {
+                    return Err(short);
+                }
+            };
+        }
+        let frame = match t {
+            ty::HELLO => {
+                need!(3);
+                let version = body.get_u16_le();
+                let role = Role::from_u8(body.get_u8()).ok_or(DecodeError::Malformed {
+                    ty: t,
+                    reason: "unknown role",
+                })?;
+                let node_id = get_str8(&mut body, t)?;
+                need!(64);
+                let mut cluster = [0u8; 32];
+                body.copy_to_slice(&mut cluster);
+                let mut proof = [0u8; 32];
+                body.copy_to_slice(&mut proof);
+                Frame::Hello {
+                    version,
+                    role,
+                    node_id,
+                    cluster,
+                    proof,
+                }
+            }
+            ty::WELCOME => {
+                need!(2);
+                let version = body.get_u16_le();
+                let node_id = get_str8(&mut body, t)?;
+                need!(8);
+                Frame::Welcome {
+                    version,
+                    node_id,
+                    latest_seq: body.get_u64_le(),
+                }
+            }
+            ty::ERROR => {
+                need!(4);
+                let code = ErrorCode::from_u16(body.get_u16_le());
+                let len = body.get_u16_le() as usize;
+                if len > MAX_MESSAGE {
+                    return Err(DecodeError::Malformed {
+                        ty: t,
+                        reason: "message too long",
+                    });
+                }
+                need!(len);
+                let message = String::from_utf8_lossy(&body.split_to(len)).into_owned();
+                Frame::Error { code, message }
+            }
+            ty::MANIFEST_REQUEST => Frame::ManifestRequest,
+            ty::SEED_DONE_ACK => Frame::SeedDoneAck,
+            ty::MANIFEST_REPLY => {
+                need!(8);
+                let session = body.get_u64_le();
+                let manifest = body.split_to(body.remaining());
+                Frame::ManifestReply { session, manifest }
+            }
+            ty::CHUNK_REQUEST => {
+                need!(16);
+                Frame::ChunkRequest {
+                    session: body.get_u64_le(),
+                    file: body.get_u32_le(),
+                    chunk: body.get_u32_le(),
+                }
+            }
+            ty::CHUNK_REPLY => {
+                need!(5);
+                let codec = match body.get_u8() {
+                    0 => Codec::Raw,
+                    1 => Codec::Zstd,
+                    _ => {
+                        return Err(DecodeError::Malformed {
+                            ty: t,
+                            reason: "unknown codec",
+                        })
+                    }
+                };
+                let raw_len = body.get_u32_le();
+                if raw_len > MAX_CHUNK_SIZE {
+                    return Err(DecodeError::Malformed {
+                        ty: t,
+                        reason: "chunk larger than the maximum",
+                    });
+                }
+                let data = body.split_to(body.remaining());
+                Frame::ChunkReply {
+                    codec,
+                    raw_len,
+                    data,
+                }
+            }
+            ty::SEED_DONE => {
+                need!(8);
+                Frame::SeedDone {
+                    session: body.get_u64_le(),
+                }
+            }
+            ty::SUBSCRIBE => {
+                need!(8);
+                Frame::Subscribe {
+                    after: body.get_u64_le(),
+                }
+            }
+            ty::BATCHES => {
+                need!(4);
+                let n = body.get_u32_le();
+                if n > MAX_BATCHES_PER_FRAME {
+                    return Err(DecodeError::Malformed {
+                        ty: t,
+                        reason: "too many batches",
+                    });
+                }
+                // Each batch takes at least 16 bytes: bound the allocation by the body.
+                if (n as usize).saturating_mul(16) > body.remaining() {
+                    return Err(short);
+                }
+                let mut batches = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    need!(16);
+                    let first = body.get_u64_le();
+                    let count = body.get_u32_le();
+                    let len = body.get_u32_le() as usize;
+                    need!(len);
+                    batches.push((first, count, body.split_to(len)));
+                }
+                Frame::Batches { batches }
+            }
+            ty::APPLIED => {
+                need!(8);
+                Frame::Applied {
+                    seq: body.get_u64_le(),
+                }
+            }
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        if body.has_remaining() {
+            return Err(DecodeError::Malformed {
+                ty: t,
+                reason: "trailing bytes",
+            });
+        }
+        Ok(frame)
+    }
+}
+
+fn put_str8(out: &mut Vec<u8>, s: &str) {
+    let s = truncate(s, MAX_NODE_ID);
+    out.put_u8(s.len() as u8);
+    out.put_slice(s.as_bytes());
+}
+
+fn get_str8(body: &mut Bytes, t: u8) -> Result<String, DecodeError> {
+    if !body.has_remaining() {
+        return Err(DecodeError::Malformed {
+            ty: t,
+            reason: "truncated",
+        });
+    }
+    let len = body.get_u8() as usize;
+    if len > MAX_NODE_ID || body.remaining() < len {
+        return Err(DecodeError::Malformed {
+            ty: t,
+            reason: "bad string length",
+        });
+    }
+    String::from_utf8(body.split_to(len).to_vec()).map_err(|_| DecodeError::Malformed {
+        ty: t,
+        reason: "string is not utf-8",
+    })
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(f: &Frame) -> Frame {
+        let mut buf = Vec::new();
+        f.encode(&mut buf);
+        let header = FrameHeader::parse(buf[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(header.len as usize, buf.len() - HEADER_LEN);
+        Frame::decode(header, Bytes::from(buf[HEADER_LEN..].to_vec())).unwrap()
+    }
+
+    /// The wire format is pinned: these bytes must not change by accident.
+    #[test]
+    fn golden_bytes() {
+        let mut buf = Vec::new();
+        Frame::ChunkRequest {
+            session: 0x0102030405060708,
+            file: 3,
+            chunk: 0x10,
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            concat!(
+                "10000000",         // body length 16
+                "06",               // ChunkRequest
+                "0807060504030201", // session
+                "03000000",         // file index
+                "10000000",         // chunk index
+            )
+        );
+        buf.clear();
+        Frame::Hello {
+            version: 1,
+            role: Role::Follower,
+            node_id: "n1".into(),
+            cluster: [0xaa; 32],
+            proof: [0xbb; 32],
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            hex::encode(&buf[..11]),
+            concat!(
+                "46000000", /* body length 70 */
+                "01",       /* Hello */
+                "0100",     /* version 1 */
+                "02",       /* follower */
+                "02",       /* id length */
+                "6e31"      /* "n1" */
+            )
+        );
+        buf.clear();
+        Frame::ChunkReply {
+            codec: Codec::Zstd,
+            raw_len: 5,
+            data: Bytes::from_static(b"abc"),
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            concat!(
+                "08000000", "07",       /* ChunkReply */
+                "01",       /* zstd */
+                "05000000", /* raw length */
+                "616263"
+            )
+        );
+        buf.clear();
+        Frame::Batches {
+            batches: vec![(7, 1, Bytes::from_static(b"xy"))],
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            concat!(
+                "16000000",
+                "0b",               /* Batches */
+                "01000000",         /* one batch */
+                "0700000000000000", /* first */
+                "01000000",         /* count */
+                "02000000",         /* length */
+                "7879"
+            )
+        );
+    }
+
+    #[test]
+    fn oversize_frames_are_refused_from_the_header() {
+        let mut h = [0u8; HEADER_LEN];
+        h[..4].copy_from_slice(&(MAX_CONTROL_FRAME + 1).to_le_bytes());
+        h[4] = ty::HELLO;
+        assert!(matches!(
+            FrameHeader::parse(h),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        h[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        h[4] = ty::CHUNK_REPLY;
+        assert!(matches!(
+            FrameHeader::parse(h),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        h[4] = 200;
+        assert_eq!(FrameHeader::parse(h), Err(DecodeError::UnknownType(200)));
+    }
+
+    #[test]
+    fn batches_count_is_bounded_by_the_body() {
+        let mut body = Vec::new();
+        body.put_u32_le(50_000);
+        let h = FrameHeader {
+            ty: ty::BATCHES,
+            len: body.len() as u32,
+        };
+        assert!(Frame::decode(h, Bytes::from(body)).is_err());
+    }
+
+    fn arb_frame() -> impl Strategy<Value = Frame> {
+        let bytes = proptest::collection::vec(any::<u8>(), 0..256).prop_map(Bytes::from);
+        prop_oneof![
+            (
+                any::<u16>(),
+                1u8..=3,
+                "[a-z0-9-]{0,64}",
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>()
+            )
+                .prop_map(|(version, r, node_id, cluster, proof)| Frame::Hello {
+                    version,
+                    role: Role::from_u8(r).unwrap(),
+                    node_id,
+                    cluster,
+                    proof
+                }),
+            (any::<u16>(), "[a-z0-9-]{0,64}", any::<u64>()).prop_map(
+                |(version, node_id, latest_seq)| Frame::Welcome {
+                    version,
+                    node_id,
+                    latest_seq
+                }
+            ),
+            (1u16..=8, ".{0,100}").prop_map(|(c, message)| Frame::Error {
+                code: ErrorCode::from_u16(c),
+                message
+            }),
+            Just(Frame::ManifestRequest),
+            (any::<u64>(), bytes.clone())
+                .prop_map(|(session, manifest)| Frame::ManifestReply { session, manifest }),
+            (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(session, file, chunk)| {
+                Frame::ChunkRequest {
+                    session,
+                    file,
+                    chunk,
+                }
+            }),
+            (any::<bool>(), 0..=MAX_CHUNK_SIZE, bytes.clone()).prop_map(|(z, raw_len, data)| {
+                Frame::ChunkReply {
+                    codec: if z { Codec::Zstd } else { Codec::Raw },
+                    raw_len,
+                    data,
+                }
+            }),
+            any::<u64>().prop_map(|session| Frame::SeedDone { session }),
+            Just(Frame::SeedDoneAck),
+            any::<u64>().prop_map(|after| Frame::Subscribe { after }),
+            proptest::collection::vec((any::<u64>(), any::<u32>(), bytes), 0..5)
+                .prop_map(|batches| Frame::Batches { batches }),
+            any::<u64>().prop_map(|seq| Frame::Applied { seq }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn codec_round_trips(f in arb_frame()) {
+            prop_assert_eq!(round_trip(&f), f);
+        }
+
+        #[test]
+        fn decode_never_panics(ty in 0u8..20, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Frame::decode(FrameHeader { ty, len: body.len() as u32 }, Bytes::from(body));
+        }
+    }
+}

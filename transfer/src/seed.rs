@@ -1,0 +1,941 @@
+//! The receiving side of a seed: fetch a checkpoint from a node into an
+//! empty data directory, verified chunk by chunk, resumable.
+//!
+//! ### To ensure correctness:
+//! - every chunk is checked against its blake3 hash from the manifest before
+//!   it is written at its offset; a mismatch is fetched again (bounded) and
+//!   never written;
+//! - a chunk counts as done in the persisted bitmap only after the file it
+//!   was written to has been fsynced, so a killed seed resumes from durable
+//!   state and refetches whatever was not synced;
+//! - the chunk hashes of each file merge into its whole-file hash (see
+//!   [`ferry_engine::manifest::chunk_hash`]), checked before installing;
+//! - files are staged in `DIR/.ferry/seed/`, renamed into `DIR` with
+//!   `CURRENT` last and the directory fsynced in between; while the staging
+//!   directory exists the store refuses to open, so a half-seeded directory
+//!   never opens as a database.
+//!
+//! Staging layout: `seed/manifest.bin` (the manifest being fetched),
+//! `seed/verified.bin` (one bit per chunk, manifest order),
+//! `seed/installing` (present once every chunk is verified), and the files.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_engine::manifest::{chunk_hash, file_hash_from_chunks};
+use ferry_engine::{seed_dir, Manifest, Seq, Store};
+use parking_lot::Mutex;
+use quinn::Connection;
+use tokio::sync::mpsc;
+
+use crate::auth::ClientAuth;
+use crate::client::{Client, ConnectError};
+use crate::endpoint::{client_endpoint, unspecified_for, EndpointError, TransportOptions};
+use crate::protocol::{Codec, Frame, Role};
+use crate::wire::{expect_frame, write_frame, WireError};
+
+const MANIFEST_FILE: &str = "manifest.bin";
+const BITMAP_FILE: &str = "verified.bin";
+const INSTALLING: &str = "installing";
+
+/// Errors of a seed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// A stream to the leader failed.
+    #[error("transfer from {peer}: {source}")]
+    Wire {
+        peer: SocketAddr,
+        #[source]
+        source: WireError,
+    },
+    /// The connection to the leader was lost.
+    #[error("connection to {peer} lost: {source}")]
+    Connection {
+        peer: SocketAddr,
+        #[source]
+        source: quinn::ConnectionError,
+    },
+    /// The target directory is not empty.
+    #[error("{path} is not empty ({reason}); seed into an empty directory")]
+    NotEmpty { path: PathBuf, reason: String },
+    /// A filesystem call failed (a full disk shows up here).
+    #[error("{op} {path}: {source}{hint}", hint = if source.raw_os_error() == Some(28) { " (the disk is full)" } else { "" })]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] ferry_engine::Error),
+    /// A chunk kept failing verification.
+    #[error("chunk {chunk} of {file} failed verification {attempts} times")]
+    BadChunk {
+        file: String,
+        chunk: usize,
+        attempts: u32,
+    },
+    /// A file's chunk hashes do not merge into its file hash.
+    #[error("the manifest's chunk hashes of {file} do not match its file hash")]
+    FileHash { file: String },
+    /// The installed database does not hold the manifest's sequence.
+    #[error("the seeded database is at sequence {found}, the manifest says {expected}")]
+    SequenceMismatch { expected: Seq, found: Seq },
+}
+
+impl SeedError {
+    /// Whether reconnecting may help.
+    fn retryable(&self) -> bool {
+        match self {
+            SeedError::Connect(
+                ConnectError::Connect { .. }
+                | ConnectError::Timeout { .. }
+                | ConnectError::Handshake { .. },
+            ) => true,
+            SeedError::Wire { source, .. } => {
+                !matches!(source, WireError::Peer { .. } | WireError::Decode(_))
+            }
+            SeedError::Connection { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn io(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> SeedError {
+    let path = path.into();
+    move |source| SeedError::Io { op, path, source }
+}
+
+/// How a seed runs.
+#[derive(Clone)]
+pub struct SeedConfig {
+    pub data_dir: PathBuf,
+    pub leader: SocketAddr,
+    pub auth: ClientAuth,
+    pub node_id: String,
+    pub role: Role,
+    /// Chunks in flight at once.
+    pub parallel: usize,
+    /// Fetches of one chunk before giving up on it.
+    pub chunk_attempts: u32,
+    /// Reconnects after a lost connection before giving up.
+    pub reconnects: u32,
+    pub transport: TransportOptions,
+    /// Called with progress at most a few times a second.
+    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for SeedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeedConfig")
+            .field("data_dir", &self.data_dir)
+            .field("leader", &self.leader)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SeedConfig {
+    pub fn new(data_dir: impl Into<PathBuf>, leader: SocketAddr, auth: ClientAuth) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            leader,
+            auth,
+            node_id: default_node_id(),
+            role: Role::Seeder,
+            parallel: 16,
+            chunk_attempts: 5,
+            reconnects: 5,
+            transport: TransportOptions::default(),
+            progress: None,
+        }
+    }
+}
+
+/// A node id from the host name and process id.
+pub fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "node".into());
+    let mut id = format!("{host}-{}", std::process::id());
+    id.truncate(crate::protocol::MAX_NODE_ID);
+    id
+}
+
+/// Progress of a running seed.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub bytes_total: u64,
+    /// Verified bytes, including reused ones.
+    pub bytes_done: u64,
+    /// Bytes reused from an earlier, interrupted run.
+    pub bytes_reused: u64,
+    /// Bytes received on the wire (after compression).
+    pub wire_bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// What a finished seed did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SeedReport {
+    pub seq: Seq,
+    pub manifest_id: String,
+    pub files: usize,
+    pub bytes_total: u64,
+    pub chunks_total: usize,
+    /// Chunks fetched in this run.
+    pub chunks_fetched: usize,
+    /// Raw bytes of the chunks fetched in this run.
+    pub bytes_fetched: u64,
+    /// Bytes received on the wire for them.
+    pub wire_bytes: u64,
+    /// Chunks that were already verified locally and not fetched.
+    pub chunks_reused: usize,
+    pub bytes_reused: u64,
+    /// Chunks that failed verification and were fetched again.
+    pub chunks_refetched: usize,
+    pub reconnects: u32,
+    pub elapsed_secs: f64,
+}
+
+/// One bit per chunk of a manifest, in manifest order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    bits: Vec<u8>,
+    len: usize,
+}
+
+impl Bitmap {
+    pub fn new(len: usize) -> Self {
+        Self {
+            bits: vec![0; len.div_ceil(8)],
+            len,
+        }
+    }
+
+    pub fn from_bytes(bytes: &[u8], len: usize) -> Option<Self> {
+        (bytes.len() == len.div_ceil(8)).then(|| Self {
+            bits: bytes.to_vec(),
+            len,
+        })
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        i < self.len && self.bits[i / 8] & (1 << (i % 8)) != 0
+    }
+
+    pub fn set(&mut self, i: usize) {
+        if i < self.len {
+            self.bits[i / 8] |= 1 << (i % 8);
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        (0..self.len).filter(|&i| self.get(i)).count()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bits
+    }
+}
+
+/// The global index of each file's first chunk.
+fn chunk_offsets(m: &Manifest) -> Vec<usize> {
+    let mut at = 0;
+    m.files
+        .iter()
+        .map(|f| {
+            let o = at;
+            at += f.chunks.len();
+            o
+        })
+        .collect()
+}
+
+/// Which chunks of `new` are already verified on disk, given the manifest
+/// and bitmap of an earlier run: same file name, same chunk index, same
+/// chunk size and same hash.
+pub fn carry_over(old: &Manifest, old_bits: &Bitmap, new: &Manifest) -> Bitmap {
+    let mut bits = Bitmap::new(new.total_chunks());
+    if old.chunk_size != new.chunk_size {
+        return bits;
+    }
+    let old_offsets = chunk_offsets(old);
+    let new_offsets = chunk_offsets(new);
+    for (nf, &noff) in new.files.iter().zip(&new_offsets) {
+        let Some(oi) = old.files.iter().position(|f| f.name == nf.name) else {
+            continue;
+        };
+        let (of, ooff) = (&old.files[oi], old_offsets[oi]);
+        for (c, h) in nf.chunks.iter().enumerate() {
+            if of.chunks.get(c) == Some(h) && old_bits.get(ooff + c) {
+                bits.set(noff + c);
+            }
+        }
+    }
+    bits
+}
+
+/// Seeds `cfg.data_dir` from `cfg.leader`; resumes an interrupted seed.
+pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
+    let started = Instant::now();
+    let staging = prepare_target(&cfg.data_dir)?;
+    if staging.join(INSTALLING).exists() {
+        // Every chunk was verified before the crash; finish the install.
+        let manifest = read_manifest(&staging)?;
+        let seq = finish_install(&cfg.data_dir, &staging, &manifest)?;
+        tracing::info!(seq, "finished an interrupted install");
+        return Ok(SeedReport {
+            seq,
+            manifest_id: manifest.id().to_string(),
+            files: manifest.files.len(),
+            bytes_total: manifest.total_bytes(),
+            chunks_total: manifest.total_chunks(),
+            chunks_fetched: 0,
+            bytes_fetched: 0,
+            wire_bytes: 0,
+            chunks_reused: manifest.total_chunks(),
+            bytes_reused: manifest.total_bytes(),
+            chunks_refetched: 0,
+            reconnects: 0,
+            elapsed_secs: started.elapsed().as_secs_f64(),
+        });
+    }
+    let endpoint = client_endpoint(unspecified_for(cfg.leader), &cfg.transport)?;
+    let mut tally = Tally::default();
+    let mut attempt = 0;
+    let result = loop {
+        match seed_once(&cfg, &endpoint, &staging, &mut tally, started).await {
+            Ok(r) => break Ok(r),
+            Err(e) if e.retryable() && attempt < cfg.reconnects => {
+                attempt += 1;
+                tally.reconnects = attempt;
+                let wait = Duration::from_millis(200 * 2u64.pow(attempt.min(6)));
+                tracing::warn!(error = %e, attempt, ?wait, "seed interrupted; reconnecting");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    endpoint.close(0u32.into(), b"bye");
+    endpoint.wait_idle().await;
+    result
+}
+
+#[derive(Default)]
+struct Tally {
+    first_reused: Option<(usize, u64)>,
+    chunks_fetched: usize,
+    bytes_fetched: u64,
+    wire_bytes: u64,
+    refetched: usize,
+    reconnects: u32,
+}
+
+/// Checks that the target is empty (or holds an unfinished seed) and
+/// returns the staging directory.
+fn prepare_target(data: &Path) -> Result<PathBuf, SeedError> {
+    std::fs::create_dir_all(data).map_err(io("create directory", data))?;
+    let staging = seed_dir(data);
+    if staging.exists() {
+        return Ok(staging);
+    }
+    let mut others = Vec::new();
+    for e in std::fs::read_dir(data).map_err(io("read directory", data))? {
+        let e = e.map_err(io("read directory", data))?;
+        if e.file_name() != ferry_engine::FERRY_DIR {
+            others.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    if others.iter().any(|n| n == "CURRENT") {
+        return Err(SeedError::NotEmpty {
+            path: data.into(),
+            reason: "it already holds a database".into(),
+        });
+    }
+    if !others.is_empty() {
+        others.sort();
+        others.truncate(3);
+        return Err(SeedError::NotEmpty {
+            path: data.into(),
+            reason: format!("it holds {}", others.join(", ")),
+        });
+    }
+    std::fs::create_dir_all(&staging).map_err(io("create directory", &staging))?;
+    Ok(staging)
+}
+
+fn read_manifest(staging: &Path) -> Result<Manifest, SeedError> {
+    let p = staging.join(MANIFEST_FILE);
+    let bytes = std::fs::read(&p).map_err(io("read", &p))?;
+    Ok(Manifest::decode(&bytes)?)
+}
+
+/// Writes a small file atomically and durably.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SeedError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SeedError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))
+}
+
+/// Lines up the staging directory with `manifest`: keeps verified chunks
+/// that are still valid, sizes every file, removes files it no longer lists.
+fn reconcile(staging: &Path, manifest: &Manifest) -> Result<Bitmap, SeedError> {
+    let old = read_manifest(staging).ok();
+    let bits = match &old {
+        Some(old) => {
+            let bytes = std::fs::read(staging.join(BITMAP_FILE)).unwrap_or_default();
+            let old_bits = Bitmap::from_bytes(&bytes, old.total_chunks())
+                .unwrap_or_else(|| Bitmap::new(old.total_chunks()));
+            carry_over(old, &old_bits, manifest)
+        }
+        None => Bitmap::new(manifest.total_chunks()),
+    };
+    let wanted: BTreeSet<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+    for e in std::fs::read_dir(staging).map_err(io("read directory", staging))? {
+        let e = e.map_err(io("read directory", staging))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != MANIFEST_FILE && name != BITMAP_FILE && !wanted.contains(name.as_str()) {
+            std::fs::remove_file(e.path()).map_err(io("remove", e.path()))?;
+        }
+    }
+    for f in &manifest.files {
+        let p = staging.join(f.name.as_str());
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io("create", &p))?;
+        file.set_len(f.size).map_err(io("resize", &p))?;
+    }
+    // Bitmap first: it refers to the new manifest's chunk order.
+    write_atomic(&staging.join(BITMAP_FILE), bits.as_bytes())?;
+    write_atomic(&staging.join(MANIFEST_FILE), &manifest.encode())?;
+    Ok(bits)
+}
+
+struct Done {
+    index: usize,
+    file: usize,
+    raw: u64,
+    wire: u64,
+    refetched: usize,
+}
+
+async fn seed_once(
+    cfg: &SeedConfig,
+    endpoint: &quinn::Endpoint,
+    staging: &Path,
+    tally: &mut Tally,
+    started: Instant,
+) -> Result<SeedReport, SeedError> {
+    let peer = cfg.leader;
+    let wire = |source| SeedError::Wire { peer, source };
+    let mut client = Client::connect(
+        endpoint,
+        peer,
+        &cfg.auth,
+        &cfg.transport,
+        &cfg.node_id,
+        cfg.role,
+    )
+    .await?;
+    let (session, manifest) = match client
+        .request(&Frame::ManifestRequest)
+        .await
+        .map_err(wire)?
+    {
+        Frame::ManifestReply { session, manifest } => (session, Manifest::decode(&manifest)?),
+        other => {
+            return Err(wire(WireError::Unexpected {
+                got: other.name(),
+                state: "waiting for the manifest",
+            }))
+        }
+    };
+    let manifest = Arc::new(manifest);
+    // Check the manifest is self-consistent before fetching anything.
+    for f in &manifest.files {
+        if file_hash_from_chunks(&f.chunks) != f.hash {
+            return Err(SeedError::FileHash {
+                file: f.name.to_string(),
+            });
+        }
+    }
+    let staging2 = staging.to_path_buf();
+    let m2 = Arc::clone(&manifest);
+    let bits = tokio::task::spawn_blocking(move || reconcile(&staging2, &m2))
+        .await
+        .map_err(join_err)??;
+    let offsets = chunk_offsets(&manifest);
+    let mut queue = VecDeque::new();
+    let mut reused_bytes = 0;
+    for (fi, f) in manifest.files.iter().enumerate() {
+        for c in 0..f.chunks.len() {
+            if bits.get(offsets[fi] + c) {
+                let (s, e) = f.chunk_range(c, manifest.chunk_size);
+                reused_bytes += e - s;
+            } else {
+                queue.push_back((fi, c));
+            }
+        }
+    }
+    let reused_chunks = bits.count();
+    tally
+        .first_reused
+        .get_or_insert((reused_chunks, reused_bytes));
+    tracing::info!(
+        seq = manifest.seq,
+        files = manifest.files.len(),
+        bytes = manifest.total_bytes(),
+        missing_chunks = queue.len(),
+        reused_chunks,
+        "seeding"
+    );
+
+    let queue = Arc::new(Mutex::new(queue));
+    let (tx, rx) = mpsc::channel::<Done>(1024);
+    let keeper = tokio::spawn(keep_state(
+        staging.to_path_buf(),
+        Arc::clone(&manifest),
+        bits,
+        rx,
+        cfg.progress.clone(),
+        reused_bytes,
+        started,
+    ));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..cfg.parallel.max(1) {
+        let (queue, tx, manifest, conn) = (
+            Arc::clone(&queue),
+            tx.clone(),
+            Arc::clone(&manifest),
+            client.conn.clone(),
+        );
+        let staging = staging.to_path_buf();
+        let attempts = cfg.chunk_attempts.max(1);
+        workers.spawn(async move {
+            loop {
+                let next = queue.lock().pop_front();
+                let Some((file, chunk)) = next else {
+                    return Ok(());
+                };
+                let done = fetch_chunk(
+                    &conn, peer, session, &manifest, &staging, file, chunk, attempts,
+                )
+                .await?;
+                let index = chunk_offsets_one(&manifest, file) + chunk;
+                if tx.send(Done { index, ..done }).await.is_err() {
+                    return Ok(());
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut failure = None;
+    while let Some(r) = workers.join_next().await {
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+                workers.abort_all();
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                failure.get_or_insert(join_err(e));
+            }
+        }
+    }
+    // The keeper persists whatever was verified, even on failure.
+    let (bits, fetched) = keeper.await.map_err(join_err)??;
+    tally.chunks_fetched += fetched.chunks;
+    tally.bytes_fetched += fetched.raw;
+    tally.wire_bytes += fetched.wire;
+    tally.refetched += fetched.refetched;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if bits.count() != manifest.total_chunks() {
+        return Err(wire(WireError::FinishedEarly(0)));
+    }
+
+    let (data, staging2, m2) = (
+        cfg.data_dir.clone(),
+        staging.to_path_buf(),
+        Arc::clone(&manifest),
+    );
+    let seq = tokio::task::spawn_blocking(move || {
+        write_atomic(&staging2.join(INSTALLING), b"")?;
+        finish_install(&data, &staging2, &m2)
+    })
+    .await
+    .map_err(join_err)??;
+
+    // Let the leader release the checkpoint.
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request(&Frame::SeedDone { session }),
+    )
+    .await
+    {
+        Ok(Ok(Frame::SeedDoneAck)) => {}
+        other => tracing::debug!(?other, "no SeedDone acknowledgement"),
+    }
+    client.close().await;
+    let (chunks_reused, bytes_reused) = tally.first_reused.unwrap_or_default();
+    Ok(SeedReport {
+        seq,
+        manifest_id: manifest.id().to_string(),
+        files: manifest.files.len(),
+        bytes_total: manifest.total_bytes(),
+        chunks_total: manifest.total_chunks(),
+        chunks_fetched: tally.chunks_fetched,
+        bytes_fetched: tally.bytes_fetched,
+        wire_bytes: tally.wire_bytes,
+        chunks_reused,
+        bytes_reused,
+        chunks_refetched: tally.refetched,
+        reconnects: tally.reconnects,
+        elapsed_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn chunk_offsets_one(m: &Manifest, file: usize) -> usize {
+    m.files[..file].iter().map(|f| f.chunks.len()).sum()
+}
+
+fn join_err(e: tokio::task::JoinError) -> SeedError {
+    SeedError::Io {
+        op: "join task",
+        path: PathBuf::new(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+/// Why a received chunk was refused.
+enum Fault {
+    /// It does not match the manifest: fetch it again.
+    Mismatch(&'static str),
+    /// Writing it failed: give up.
+    Io(SeedError),
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fetch_chunk(
+    conn: &Connection,
+    peer: SocketAddr,
+    session: u64,
+    manifest: &Arc<Manifest>,
+    staging: &Path,
+    file: usize,
+    chunk: usize,
+    attempts: u32,
+) -> Result<Done, SeedError> {
+    let wire = |source| SeedError::Wire { peer, source };
+    let mut refetched = 0;
+    for attempt in 1..=attempts {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|source| SeedError::Connection { peer, source })?;
+        write_frame(
+            &mut send,
+            &Frame::ChunkRequest {
+                session,
+                file: file as u32,
+                chunk: chunk as u32,
+            },
+        )
+        .await
+        .map_err(wire)?;
+        let _ = send.finish();
+        let (codec, raw_len, data) = match expect_frame(&mut recv).await.map_err(wire)? {
+            Frame::ChunkReply {
+                codec,
+                raw_len,
+                data,
+            } => (codec, raw_len, data),
+            other => {
+                return Err(wire(WireError::Unexpected {
+                    got: other.name(),
+                    state: "waiting for a chunk",
+                }))
+            }
+        };
+        let wire_len = data.len() as u64;
+        let (m, path) = (
+            Arc::clone(manifest),
+            staging.join(manifest.files[file].name.as_str()),
+        );
+        let verdict = tokio::task::spawn_blocking(move || {
+            verify_and_write(&m, file, chunk, codec, raw_len, data, &path)
+        })
+        .await
+        .map_err(join_err)?;
+        match verdict {
+            Ok(raw) => {
+                return Ok(Done {
+                    index: 0,
+                    file,
+                    raw,
+                    wire: wire_len,
+                    refetched,
+                })
+            }
+            Err(Fault::Io(e)) => return Err(e),
+            Err(Fault::Mismatch(why)) => {
+                refetched += 1;
+                tracing::warn!(file = %manifest.files[file].name, chunk, attempt, why, "chunk failed verification; fetching it again");
+            }
+        }
+    }
+    Err(SeedError::BadChunk {
+        file: manifest.files[file].name.to_string(),
+        chunk,
+        attempts,
+    })
+}
+
+/// Decodes, verifies and writes one chunk. Nothing is written unless the
+/// hash matches.
+fn verify_and_write(
+    m: &Manifest,
+    file: usize,
+    chunk: usize,
+    codec: Codec,
+    raw_len: u32,
+    data: Bytes,
+    path: &Path,
+) -> Result<u64, Fault> {
+    use std::os::unix::fs::FileExt;
+    let entry = &m.files[file];
+    let (start, end) = entry.chunk_range(chunk, m.chunk_size);
+    let expected = (end - start) as usize;
+    if raw_len as usize != expected {
+        return Err(Fault::Mismatch("wrong length"));
+    }
+    let raw: Bytes = match codec {
+        Codec::Raw => data,
+        Codec::Zstd => match zstd::bulk::decompress(&data, expected) {
+            Ok(v) => Bytes::from(v),
+            Err(_) => return Err(Fault::Mismatch("bad zstd data")),
+        },
+    };
+    if raw.len() != expected {
+        return Err(Fault::Mismatch("wrong length"));
+    }
+    if chunk_hash(entry.size, m.chunk_size, chunk, &raw) != entry.chunks[chunk] {
+        return Err(Fault::Mismatch("hash mismatch"));
+    }
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Fault::Io(io("open", path)(e)))?;
+    f.write_all_at(&raw, start)
+        .map_err(|e| Fault::Io(io("write", path)(e)))?;
+    Ok(expected as u64)
+}
+
+#[derive(Default)]
+struct Fetched {
+    chunks: usize,
+    raw: u64,
+    wire: u64,
+    refetched: usize,
+}
+
+/// Owns the bitmap: marks chunks as they arrive, and every second (or
+/// 256 MiB) fsyncs the files written since and persists the bitmap.
+async fn keep_state(
+    staging: PathBuf,
+    manifest: Arc<Manifest>,
+    mut bits: Bitmap,
+    mut rx: mpsc::Receiver<Done>,
+    progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    reused: u64,
+    started: Instant,
+) -> Result<(Bitmap, Fetched), SeedError> {
+    let mut fetched = Fetched::default();
+    let mut pending: Vec<usize> = Vec::new();
+    let mut dirty: BTreeSet<usize> = BTreeSet::new();
+    let mut pending_bytes = 0u64;
+    let mut last_save = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut done_bytes = reused;
+    let total = manifest.total_bytes();
+    let report = |done: u64, wire: u64| {
+        if let Some(p) = &progress {
+            p(&Progress {
+                bytes_total: total,
+                bytes_done: done,
+                bytes_reused: reused,
+                wire_bytes: wire,
+                elapsed: started.elapsed(),
+            });
+        }
+    };
+    loop {
+        let msg = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+        let closed = matches!(msg, Ok(None));
+        if let Ok(Some(d)) = msg {
+            pending.push(d.index);
+            dirty.insert(d.file);
+            pending_bytes += d.raw;
+            done_bytes += d.raw;
+            fetched.chunks += 1;
+            fetched.raw += d.raw;
+            fetched.wire += d.wire;
+            fetched.refetched += d.refetched;
+        }
+        if closed
+            || (!pending.is_empty()
+                && (last_save.elapsed() >= Duration::from_secs(1) || pending_bytes >= 256 << 20))
+        {
+            let files: Vec<PathBuf> = dirty
+                .iter()
+                .map(|&i| staging.join(manifest.files[i].name.as_str()))
+                .collect();
+            let mut next = bits.clone();
+            for &i in &pending {
+                next.set(i);
+            }
+            let (st, snapshot) = (staging.clone(), next.clone());
+            tokio::task::spawn_blocking(move || -> Result<(), SeedError> {
+                for p in &files {
+                    std::fs::File::open(p)
+                        .and_then(|f| f.sync_data())
+                        .map_err(io("sync", p))?;
+                }
+                write_atomic(&st.join(BITMAP_FILE), snapshot.as_bytes())
+            })
+            .await
+            .map_err(join_err)??;
+            bits = next;
+            pending.clear();
+            dirty.clear();
+            pending_bytes = 0;
+            last_save = Instant::now();
+        }
+        if closed || last_progress.elapsed() >= Duration::from_millis(200) {
+            report(done_bytes, fetched.wire);
+            last_progress = Instant::now();
+        }
+        if closed {
+            return Ok((bits, fetched));
+        }
+    }
+}
+
+/// Renames the staged files into the data directory, `CURRENT` last, and
+/// removes the staging directory; then opens the result read-only and
+/// checks it holds the manifest's sequence.
+fn finish_install(data: &Path, staging: &Path, manifest: &Manifest) -> Result<Seq, SeedError> {
+    for f in manifest
+        .files
+        .iter()
+        .filter(|f| f.name.as_str() != "CURRENT")
+    {
+        let from = staging.join(f.name.as_str());
+        if from.exists() {
+            std::fs::File::open(&from)
+                .and_then(|h| h.sync_all())
+                .map_err(io("sync", &from))?;
+            std::fs::rename(&from, data.join(f.name.as_str())).map_err(io("rename", &from))?;
+        }
+    }
+    sync_dir(data)?;
+    let current = staging.join("CURRENT");
+    if current.exists() {
+        std::fs::File::open(&current)
+            .and_then(|h| h.sync_all())
+            .map_err(io("sync", &current))?;
+        std::fs::rename(&current, data.join("CURRENT")).map_err(io("rename", &current))?;
+        sync_dir(data)?;
+    }
+    std::fs::remove_dir_all(staging).map_err(io("remove", staging))?;
+    sync_dir(&ferry_engine::ferry_dir(data))?;
+    let found = Store::open_read_only(data)?.latest_seq();
+    if found != manifest.seq {
+        return Err(SeedError::SequenceMismatch {
+            expected: manifest.seq,
+            found,
+        });
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_engine::{FileEntry, FileName};
+
+    fn manifest(files: &[(&str, Vec<[u8; 32]>)]) -> Manifest {
+        Manifest {
+            seq: 1,
+            chunk_size: 1 << 16,
+            files: files
+                .iter()
+                .map(|(n, c)| FileEntry {
+                    name: FileName::parse(n).unwrap(),
+                    size: c.len() as u64 * 65536,
+                    hash: [0; 32],
+                    chunks: c.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn bitmap_bits() {
+        let mut b = Bitmap::new(10);
+        b.set(0);
+        b.set(9);
+        b.set(10);
+        assert!(b.get(0) && b.get(9) && !b.get(5) && !b.get(10));
+        assert_eq!(b.count(), 2);
+        assert_eq!(Bitmap::from_bytes(b.as_bytes(), 10), Some(b));
+        assert_eq!(Bitmap::from_bytes(&[0; 3], 10), None);
+    }
+
+    #[test]
+    fn carry_over_keeps_only_matching_verified_chunks() {
+        let old = manifest(&[
+            ("000001.sst", vec![[1; 32], [2; 32], [3; 32]]),
+            ("000002.log", vec![[4; 32]]),
+        ]);
+        let mut bits = Bitmap::new(4);
+        for i in [0, 2, 3] {
+            bits.set(i);
+        }
+        // The SST is unchanged, the log grew and changed, a new file appeared.
+        let new = manifest(&[
+            ("000001.sst", vec![[1; 32], [2; 32], [3; 32]]),
+            ("000002.log", vec![[9; 32], [5; 32]]),
+            ("000003.sst", vec![[1; 32]]),
+        ]);
+        let carried = carry_over(&old, &bits, &new);
+        let got: Vec<bool> = (0..6).map(|i| carried.get(i)).collect();
+        assert_eq!(got, vec![true, false, true, false, false, false]);
+        let mut other = new.clone();
+        other.chunk_size = 1 << 17;
+        assert_eq!(carry_over(&old, &bits, &other).count(), 0);
+    }
+}
