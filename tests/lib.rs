@@ -189,3 +189,232 @@ impl TestLeader {
         self.server.faults()
     }
 }
+
+/// A free loopback port (for both TCP and UDP).
+pub fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let port = tcp.local_addr().expect("addr").port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A `ferry serve` process.
+pub struct Proc {
+    pub child: Option<std::process::Child>,
+    pub data: PathBuf,
+    pub quic: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `ferry serve --data DATA` with fresh ports and `extra` flags.
+    pub fn start(data: &Path, extra: &[&str]) -> Self {
+        let quic: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let http: std::net::SocketAddr =
+            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut args: Vec<String> = [
+            "serve",
+            "--data",
+            data.to_str().expect("utf-8 path"),
+            "--listen",
+            &quic.to_string(),
+            "--http",
+            &http.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = data.with_extension("log");
+        let mut p = Self {
+            child: None,
+            data: data.to_path_buf(),
+            quic,
+            http,
+            args,
+            log,
+        };
+        p.spawn();
+        p
+    }
+
+    /// (Re)starts the process with the same arguments and ports.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(ferry_bin())
+            .args(&self.args)
+            .env("FERRY_LOG", "info")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferry serve");
+        self.child = Some(child);
+        self.wait_http(std::time::Duration::from_secs(30));
+    }
+
+    fn wait_http(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if ureq::get(&self.url("/v1/status")).call().is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("ferry serve did not come up; log:\n{}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        ureq::get(&self.url("/v1/status"))
+            .call()
+            .expect("status")
+            .into_json()
+            .expect("json")
+    }
+
+    /// Waits until the node reports `state`.
+    pub fn wait_state(&self, state: &str, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if s["state"] == state {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node did not reach {state}: {s}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// PUT a key; returns the sequence.
+    pub fn put(&self, key: &str, value: &[u8]) -> u64 {
+        let r: serde_json::Value = ureq::put(&self.url(&format!("/v1/kv/{key}")))
+            .send_bytes(value)
+            .expect("put")
+            .into_json()
+            .expect("json");
+        r["seq"].as_u64().expect("seq")
+    }
+
+    /// Writes `n` keys with `prefix` in batches of `per` (values of `size` bytes).
+    pub fn fill(&self, prefix: &str, n: usize, per: usize, size: usize) -> u64 {
+        let mut seq = 0;
+        for chunk in (0..n).collect::<Vec<_>>().chunks(per) {
+            let ops: Vec<_> = chunk
+                .iter()
+                .map(|i| serde_json::json!({"op": "put", "key": format!("{prefix}{i:08}"), "value": noise(&format!("{prefix}{i}"), size)}))
+                .collect();
+            let r: serde_json::Value = ureq::post(&self.url("/v1/batch"))
+                .send_json(serde_json::json!({ "ops": ops }))
+                .expect("batch")
+                .into_json()
+                .expect("json");
+            seq = r["seq"].as_u64().expect("seq");
+        }
+        seq
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().expect("wait") {
+                return st;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.kill();
+                panic!(
+                    "ferry serve did not stop on SIGTERM; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The join token of a leader.
+    pub fn token(&self) -> String {
+        ferry(&["token", "--data", self.data.to_str().expect("utf-8")])
+            .trim()
+            .to_owned()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `ferry verify` between two nodes; returns its exit code and output.
+pub fn verify(leader: &Proc, follower: &Proc) -> (i32, String) {
+    let out = Command::new(ferry_bin())
+        .args([
+            "verify",
+            "--leader-http",
+            &leader.http.to_string(),
+            "--follower-http",
+            &follower.http.to_string(),
+            "--timeout-secs",
+            "60",
+        ])
+        .output()
+        .expect("run ferry verify");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// `size` characters of hex noise derived from `seed`: values that RocksDB's
+/// block compression cannot shrink much, so datasets have real size on disk.
+pub fn noise(seed: &str, size: usize) -> String {
+    let mut bytes = vec![0u8; size.div_ceil(2)];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut bytes);
+    let mut s = hex_encode(&bytes);
+    s.truncate(size);
+    s
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,4 +1,5 @@
-//! `ferry demo`: the whole story on local defaults, in temp directories.
+//! `ferry demo`: the whole story on local defaults, in temp directories, with
+//! real nodes (QUIC and HTTP on loopback) in this process.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,22 +8,27 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use clap::Args;
 use ferry_engine::{Batch, Store, StoreOptions};
-use ferry_transfer::{ClientAuth, NodeAuth, SeedConfig, ServeOptions, Server, TransportOptions};
+use ferry_transfer::auth::NodeAuth;
+use ferry_transfer::ServeOptions;
 use rand::{Rng, SeedableRng};
 
-use crate::util;
+use crate::node::{self, NodeConfig, NodeState};
+use crate::{http, util};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Keys the leader starts with.
-    #[arg(long, default_value_t = 400_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     keys: u64,
     /// Bytes per value.
     #[arg(long, default_value_t = 200)]
     value_size: usize,
-    /// Writes per second of the live load during the seed.
+    /// Writes per second of the live load.
     #[arg(long, default_value_t = 2000)]
     write_rate: u64,
+    /// Seconds to watch live replication before verifying.
+    #[arg(long, default_value_t = 3)]
+    watch_secs: u64,
     /// Keep the directories instead of deleting them.
     #[arg(long)]
     keep: bool,
@@ -35,39 +41,41 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         .context("create a temp directory")?;
     let (leader_dir, follower_dir) = (root.path().join("leader"), root.path().join("follower"));
     println!("ferry demo in {}", root.path().display());
+    http::init_metrics();
 
     // 1. A leader with data.
     let t = Instant::now();
-    let store = Store::open(&leader_dir, StoreOptions::default())?;
-    let (keys, vsize) = (args.keys, args.value_size);
-    let s2 = store.clone();
-    tokio::task::spawn_blocking(move || generate(&s2, keys, vsize)).await??;
-    let data_bytes = dir_size(&leader_dir);
+    let (keys, vsize, ld) = (args.keys, args.value_size, leader_dir.clone());
+    tokio::task::spawn_blocking(move || generate(&ld, keys, vsize)).await??;
     println!(
-        "1. leader: {keys} keys, {} on disk, sequence {} ({:.1}s)",
-        util::human_bytes(data_bytes),
-        store.latest_seq(),
+        "1. leader data: {keys} keys of {vsize} bytes, {} on disk ({:.1}s)",
+        util::human_bytes(dir_size(&leader_dir)),
         t.elapsed().as_secs_f64()
     );
 
-    // 2. It serves seeds over QUIC, and takes a live write load.
-    let (auth, token) =
-        NodeAuth::load_or_init(&ferry_engine::ferry_dir(&leader_dir).join("tls"), "leader")?;
-    let endpoint = ferry_transfer::endpoint::server_endpoint(
-        "127.0.0.1:0".parse()?,
-        &auth,
-        &TransportOptions::default(),
-    )?;
-    let addr = endpoint.local_addr()?;
-    let server = Server::new(
-        store.clone(),
-        auth,
-        ServeOptions {
-            node_id: "leader".into(),
-            ..ServeOptions::default()
-        },
+    let local = "127.0.0.1:0".parse()?;
+    let base = |data: &std::path::Path, id: &str| NodeConfig {
+        data: data.to_path_buf(),
+        listen: local,
+        node_id: id.into(),
+        follow: None,
+        seed_from: None,
+        token: None,
+        tls_files: None,
+        store: StoreOptions::default(),
+        serve: ServeOptions::default(),
+        reseed_backoff: Duration::from_secs(5),
+    };
+    let leader = node::start(base(&leader_dir, "leader")).await?;
+    let leader_http = http::serve(Arc::clone(&leader), local).await?;
+    let leader_quic = (*leader.quic_addr.read()).context("leader address")?;
+    let store = leader.store().context("leader store")?;
+    println!(
+        "2. leader up: QUIC {leader_quic}, HTTP {leader_http}, sequence {}",
+        store.latest_seq()
     );
-    tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
+
+    // 2. A live write load.
     let stop = Arc::new(AtomicBool::new(false));
     let written = Arc::new(AtomicU64::new(0));
     let load = {
@@ -79,70 +87,112 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         );
         std::thread::spawn(move || live_load(&store, &stop, &written, rate))
     };
-    println!(
-        "2. leader listening on {addr} (QUIC, join-token auth); live load {} writes/s",
-        args.write_rate
-    );
+    println!("   live load: {} writes/s", args.write_rate);
 
-    // 3. A new follower is seeded over QUIC.
-    let mut cfg = SeedConfig::new(&follower_dir, addr, ClientAuth::from_token(&token));
-    cfg.node_id = "follower-1".into();
+    // 3. A new follower joins with the token: seed over QUIC, catch up, live.
+    let (_, token) = NodeAuth::load_or_init(&node::tls_dir(&leader_dir), "leader")?;
+    let follower = node::start(NodeConfig {
+        follow: Some(leader_quic),
+        token: Some(token),
+        ..base(&follower_dir, "follower-1")
+    })
+    .await?;
+    let follower_http = http::serve(Arc::clone(&follower), local).await?;
+    let t = Instant::now();
     let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(util::progress_bar);
-    cfg.progress = Some(util::progress_callback(bar.clone()));
-    let report = ferry_transfer::seed(cfg)
-        .await
-        .context("seed the follower")?;
+    loop {
+        let state = follower.state();
+        if let (Some(b), Some(p)) = (&bar, follower.seed_progress.lock().clone()) {
+            b.set_length(p.bytes_total);
+            b.set_position(p.bytes_done);
+        }
+        if state == NodeState::Live {
+            break;
+        }
+        ensure!(
+            !matches!(state, NodeState::Diverged | NodeState::Stopped),
+            "the follower stopped: {:?}",
+            follower.detail()
+        );
+        ensure!(
+            t.elapsed() < Duration::from_secs(600),
+            "the follower did not go live in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let seed_rate = report.bytes_fetched as f64 / report.elapsed_secs.max(1e-9);
+    let to_live = t.elapsed();
+    let seed = follower.last_seed.lock().clone().context("seed report")?;
+    let rate = seed.bytes_fetched as f64 / seed.elapsed_secs.max(1e-9);
     println!(
-        "3. seeded follower: {} in {} files at sequence {} in {:.2}s ({}/s), every chunk blake3-verified",
-        util::human_bytes(report.bytes_total),
-        report.files,
-        report.seq,
-        report.elapsed_secs,
-        util::human_bytes(seed_rate as u64)
+        "3. follower seeded over QUIC: {} in {} files at sequence {} in {:.2}s ({}/s), every chunk blake3-verified",
+        util::human_bytes(seed.bytes_total),
+        seed.files,
+        seed.seq,
+        seed.elapsed_secs,
+        util::human_bytes(rate as u64)
+    );
+    println!(
+        "4. caught up from the leader's WAL and live {:.2}s after joining (HTTP {follower_http})",
+        to_live.as_secs_f64()
     );
 
-    // 4. Catch up from the leader's WAL while the load goes on.
-    let follower = Store::open(&follower_dir, StoreOptions::default())?;
-    follower.set_follower(true);
-    let t = Instant::now();
-    let (l2, f2) = (store.clone(), follower.clone());
-    let applied = tokio::task::spawn_blocking(move || -> Result<u64> {
-        let mut n = 0;
-        for b in l2.wal_since(f2.latest_seq())? {
-            f2.apply(&b?)?;
-            n += 1;
+    // 4. Watch live replication lag.
+    let repl = leader.replication.get().context("replication")?.clone();
+    let mut lag_ms = Vec::new();
+    let mut lag_seqs = Vec::new();
+    let until = Instant::now() + Duration::from_secs(args.watch_secs);
+    while Instant::now() < until {
+        if let Some(f) = repl
+            .followers()
+            .into_iter()
+            .find(|f| f.node_id == "follower-1")
+        {
+            lag_ms.push(f.lag_ms);
+            lag_seqs.push(f.lag_seqs);
         }
-        Ok(n)
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v.sort_unstable();
+        v.get(((v.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    println!(
+        "5. live for {}s under load: acknowledged lag p50 {} ms, p99 {} ms; p99 {} sequences behind",
+        args.watch_secs,
+        pct(&mut lag_ms, 0.5),
+        pct(&mut lag_ms, 0.99),
+        pct(&mut lag_seqs, 0.99)
+    );
+
+    // 5. Verify at one sequence, under load, through the HTTP API.
+    let (lh, fh) = (leader_http, follower_http);
+    let code = tokio::task::spawn_blocking(move || {
+        crate::client::verify(lh, fh, Duration::from_secs(60), false)
     })
     .await??;
-    println!(
-        "4. caught up from the WAL: {applied} batches in {:.2}s, follower at {}",
-        t.elapsed().as_secs_f64(),
-        follower.latest_seq()
-    );
-
-    // 5. Stop the load, finish catching up, verify.
+    ensure!(code == 0, "leader and follower digests differ");
     stop.store(true, Ordering::SeqCst);
     let _ = load.join();
-    for b in store.wal_since(follower.latest_seq())? {
-        follower.apply(&b?)?;
-    }
-    let (ld, fd) = (store.digest()?, follower.digest()?);
-    println!("5. leader digest   {} at {}", ld.digest, ld.seq);
-    println!("   follower digest {} at {}", fd.digest, fd.seq);
-    ensure!(ld == fd, "leader and follower differ");
     println!(
-        "summary: seeded {} at {}/s while the leader took {} writes; follower identical at sequence {}",
-        util::human_bytes(report.bytes_total),
-        util::human_bytes(seed_rate as u64),
+        "summary: seeded {} at {}/s while the leader took {} writes; live in {:.2}s; digests match at one sequence",
+        util::human_bytes(seed.bytes_total),
+        util::human_bytes(rate as u64),
         written.load(Ordering::SeqCst),
-        fd.seq
+        to_live.as_secs_f64()
     );
-    endpoint.close(0u32.into(), b"demo done");
+    // The follower first, so it does not report its leader going away.
+    follower.shutdown();
+    let t = Instant::now();
+    while follower.state() != NodeState::Stopped && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    leader.shutdown();
+    tokio::time::sleep(Duration::from_millis(200)).await;
     if args.keep {
         let kept = root.keep();
         println!("kept {}", kept.display());
@@ -150,8 +200,9 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Fills the store with `keys` keys of `vsize`-byte values, in batches.
-fn generate(store: &Store, keys: u64, vsize: usize) -> Result<()> {
+/// Fills a new store with `keys` keys of `vsize`-byte values, in batches.
+fn generate(dir: &std::path::Path, keys: u64, vsize: usize) -> Result<()> {
+    let store = Store::open(dir, StoreOptions::default())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut value = vec![0u8; vsize];
     let mut b = Batch::new();

@@ -14,9 +14,12 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_engine::{Store, StoreOptions};
 use ferry_transfer::auth::{ClusterCa, JoinToken, NodeAuth};
-use ferry_transfer::{ClientAuth, Compression, ServeOptions, Server, TransportOptions};
+use ferry_transfer::{ClientAuth, Compression, ServeOptions};
 
+mod client;
 mod demo;
+mod http;
+mod node;
 mod util;
 
 /// ferry adds followers to a RocksDB leader without downtime: a consistent
@@ -61,8 +64,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run a node: serve seeds over QUIC from the store in DIR.
+    /// Run a node on DIR: a leader (takes writes, serves seeds, feeds
+    /// followers) or, with --follow, a follower that seeds itself, catches
+    /// up from the leader's WAL and stays live.
     Serve(ServeArgs),
+    /// Print a node's status: role, state, sequence, followers and lag.
+    Status {
+        /// The node's HTTP address.
+        #[arg(long, env = "FERRY_HTTP")]
+        http: SocketAddr,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare a leader's and a follower's digests at the same sequence;
+    /// exits 3 on a mismatch.
+    Verify {
+        #[arg(long)]
+        leader_http: SocketAddr,
+        #[arg(long)]
+        follower_http: SocketAddr,
+        /// How long to wait for the follower to reach the leader's sequence.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Seed an empty directory from a leader over QUIC and print the
     /// snapshot's sequence. Resumes an interrupted seed of the same directory.
     Seed(SeedArgs),
@@ -137,6 +163,23 @@ struct ServeArgs {
     /// ... and at most this many MiB of them.
     #[arg(long, env = "FERRY_WAL_SIZE_LIMIT_MB", default_value_t = 8192)]
     wal_size_limit_mb: u64,
+    /// HTTP API address (JSON API, /v1/status, /metrics).
+    #[arg(long, env = "FERRY_HTTP")]
+    http: Option<SocketAddr>,
+    /// Follow this leader (its QUIC address): seed, catch up, stay live.
+    /// Without it the node is a leader.
+    #[arg(long, env = "FERRY_FOLLOW")]
+    follow: Option<SocketAddr>,
+    /// Seed from this node (any caught-up follower) instead of the leader.
+    #[arg(long, env = "FERRY_SEED_FROM", requires = "follow")]
+    seed_from: Option<SocketAddr>,
+    /// The join token printed by the leader (a follower's first start).
+    #[arg(long, env = "FERRY_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// First wait before a re-seed that follows another within 10 minutes
+    /// (doubles each time, up to 10 minutes).
+    #[arg(long, env = "FERRY_RESEED_BACKOFF", default_value_t = 30)]
+    reseed_backoff_secs: u64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -203,6 +246,18 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Status { http, json } => client::status(http, json),
+        Command::Verify {
+            leader_http,
+            follower_http,
+            timeout_secs,
+            json,
+        } => client::verify(
+            leader_http,
+            follower_http,
+            Duration::from_secs(timeout_secs),
+            json,
+        ),
         Command::Certs(c) => certs(c),
     }
 }
@@ -267,39 +322,11 @@ fn digest(data: &Path, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-/// Loads operator TLS files, or the node's own cluster identity.
-fn node_auth(data: &Path, tls: &TlsArgs, node_id: &str) -> Result<(NodeAuth, Option<JoinToken>)> {
-    match (&tls.ca, &tls.cert, &tls.key) {
-        (Some(ca), Some(cert), Some(key)) => Ok((
-            NodeAuth::from_files(ca, cert, key).context("load the TLS files")?,
-            None,
-        )),
-        _ => {
-            let (auth, token) = NodeAuth::load_or_init(&tls_dir(data), node_id)
-                .context("load or create the cluster identity")?;
-            Ok((auth, Some(token)))
-        }
-    }
-}
-
 async fn serve(args: ServeArgs) -> Result<i32> {
     let node_id = args
         .node_id
         .clone()
         .unwrap_or_else(ferry_transfer::seed::default_node_id);
-    let opts = StoreOptions {
-        wal_ttl_seconds: args.wal_ttl_secs,
-        wal_size_limit_mb: args.wal_size_limit_mb,
-        ..StoreOptions::default()
-    };
-    let data = args.data.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
-        .await?
-        .with_context(|| format!("open the store in {}", args.data.display()))?;
-    let (auth, token) = node_auth(&args.data, &args.tls, &node_id)?;
-    let transport = TransportOptions::default();
-    let endpoint = ferry_transfer::endpoint::server_endpoint(args.listen, &auth, &transport)
-        .context("start the QUIC endpoint")?;
     let compression = match args.compression {
         CompressionArg::Off => Compression::Off,
         CompressionArg::Always => Compression::Always {
@@ -319,31 +346,61 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             }
         }
     };
-    let server = Server::new(
-        store.clone(),
-        auth,
-        ServeOptions {
-            node_id: node_id.clone(),
+    let token = args
+        .token
+        .as_deref()
+        .map(str::parse::<JoinToken>)
+        .transpose()?;
+    let cfg = node::NodeConfig {
+        data: args.data.clone(),
+        listen: args.listen,
+        node_id: node_id.clone(),
+        follow: args.follow,
+        seed_from: args.seed_from,
+        token,
+        tls_files: match (&args.tls.ca, &args.tls.cert, &args.tls.key) {
+            (Some(a), Some(b), Some(c)) => Some((a.clone(), b.clone(), c.clone())),
+            _ => None,
+        },
+        store: StoreOptions {
+            wal_ttl_seconds: args.wal_ttl_secs,
+            wal_size_limit_mb: args.wal_size_limit_mb,
+            ..StoreOptions::default()
+        },
+        serve: ServeOptions {
+            node_id,
             max_rate: args.max_rate,
             compression,
             ..ServeOptions::default()
         },
-    );
-    let addr = endpoint.local_addr()?;
-    tracing::info!(%addr, node = %node_id, seq = store.latest_seq(), data = %args.data.display(), "serving");
-    if let Some(t) = &token {
-        let path = tls_dir(&args.data).join("join-token");
-        ferry_transfer::auth::write_private(&path, t.to_string().as_bytes())?;
-        tracing::info!(token_file = %path.display(), "join token (also: `ferry token --data {}`)", args.data.display());
+        reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
+    };
+    http::init_metrics();
+    let node = node::start(cfg).await?;
+    if let Some(addr) = args.http {
+        let bound = http::serve(Arc::clone(&node), addr).await?;
+        *node.http_addr.write() = Some(bound);
+        tracing::info!(http = %bound, "HTTP API listening");
     }
-    let run = tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
-    util::shutdown_signal().await;
-    tracing::info!("shutting down");
-    endpoint.close(0u32.into(), b"shutdown");
-    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
-    run.abort();
-    drop(server);
-    let _ = store.sync_wal();
+    let mut stopped = node.shutdown_requested();
+    tokio::select! {
+        _ = util::shutdown_signal() => tracing::info!("signal received; shutting down"),
+        _ = stopped.wait_for(|s| *s) => {}
+    }
+    node.shutdown();
+    // Let the follower loop and the servers wind down, then flush.
+    for _ in 0..50 {
+        if matches!(
+            node.state(),
+            node::NodeState::Stopped | node::NodeState::Leader
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(store) = node.store() {
+        let _ = store.sync_wal();
+    }
     Ok(0)
 }
 

@@ -232,6 +232,36 @@ fn applier_rejects_out_of_order_and_duplicate_batches() {
 }
 
 #[test]
+fn batches_applied_together_get_the_leaders_sequences() {
+    let (_d, leader) = temp_store(opts());
+    let (_f, follower) = temp_store(opts());
+    fill(&leader, 500, 17);
+    let batches: Vec<_> = leader.wal_since(0).unwrap().map(|b| b.unwrap()).collect();
+    follower.apply_many(&batches[..1]).unwrap();
+    follower.apply_many(&batches[1..300]).unwrap();
+    // A gap inside a group refuses the whole group.
+    let mut gapped = batches[300..310].to_vec();
+    gapped.remove(4);
+    let before = follower.latest_seq();
+    assert!(matches!(
+        follower.apply_many(&gapped),
+        Err(Error::Divergence(_))
+    ));
+    assert_eq!(follower.latest_seq(), before);
+    follower.apply_many(&batches[300..]).unwrap();
+    assert_eq!(follower.digest().unwrap(), leader.digest().unwrap());
+    // The follower's feed holds the same batches, for its own readers.
+    assert_eq!(
+        follower
+            .feed()
+            .read_after(batches[498].last(), 10)
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
 fn manifest_hashes_match_file_contents() {
     let (_d, store) = temp_store(opts());
     fill(&store, 3000, 10);

@@ -28,6 +28,10 @@ pub struct TransportOptions {
     /// Keep-alive interval; dead peers are detected by the idle timeout.
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
+    /// The largest UDP payload this endpoint accepts and MTU discovery may
+    /// probe up to. Loopback and jumbo-frame networks carry far more than
+    /// quinn's 1472-byte default; on a 1500-byte path discovery stops at 1472.
+    pub max_udp_payload: u16,
 }
 
 impl Default for TransportOptions {
@@ -39,6 +43,10 @@ impl Default for TransportOptions {
             socket_buffer: 8 << 20,
             keep_alive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(15),
+            max_udp_payload: std::env::var("FERRY_MAX_UDP_PAYLOAD")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1472),
         }
     }
 }
@@ -57,7 +65,12 @@ impl TransportOptions {
                 .unwrap_or(VarInt::from_u32(15_000).into()),
         ));
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(16_384);
+        mtu.upper_bound(self.max_udp_payload);
+        // A short loss burst on a busy receiver makes quinn fall back to the
+        // minimum MTU; probe again soon rather than after ten minutes.
+        mtu.interval(Duration::from_secs(30));
+        mtu.black_hole_cooldown(Duration::from_secs(10));
+
         t.mtu_discovery_config(Some(mtu));
         t
     }
@@ -92,6 +105,12 @@ fn socket(addr: SocketAddr, opts: &TransportOptions) -> Result<std::net::UdpSock
     Ok(s.into())
 }
 
+fn endpoint_config(opts: &TransportOptions) -> EndpointConfig {
+    let mut c = EndpointConfig::default();
+    let _ = c.max_udp_payload_size(opts.max_udp_payload.max(1200));
+    c
+}
+
 /// An endpoint that accepts connections (and can also connect out).
 pub fn server_endpoint(
     addr: SocketAddr,
@@ -108,7 +127,7 @@ pub fn server_endpoint(
         addr,
         source: std::io::Error::other("no async runtime"),
     })?;
-    Endpoint::new(EndpointConfig::default(), Some(cfg), sock, runtime)
+    Endpoint::new(endpoint_config(opts), Some(cfg), sock, runtime)
         .map_err(|source| EndpointError::Bind { addr, source })
 }
 
@@ -122,7 +141,7 @@ pub fn client_endpoint(
         addr: bind,
         source: std::io::Error::other("no async runtime"),
     })?;
-    Endpoint::new(EndpointConfig::default(), None, sock, runtime)
+    Endpoint::new(endpoint_config(opts), None, sock, runtime)
         .map_err(|source| EndpointError::Bind { addr: bind, source })
 }
 

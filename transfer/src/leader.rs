@@ -98,7 +98,7 @@ pub struct ServerStats {
 pub trait StreamHandler: Send + Sync + 'static {
     /// Called for an authenticated stream whose first frame is `first`.
     fn handle(
-        &self,
+        self: Arc<Self>,
         peer: Peer,
         first: Frame,
         send: SendStream,
@@ -210,15 +210,18 @@ impl Server {
                 let _ = self.store.delete_checkpoint(&cp.name);
             }
         }
-        let reaper = tokio::spawn({
-            let this = Arc::clone(&self);
+        // The reaper holds only a weak handle, and is aborted when `run` ends
+        // or is itself aborted, so it never keeps the store open.
+        let _reaper = AbortOnDrop(tokio::spawn({
+            let this = Arc::downgrade(&self);
             async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    let Some(this) = this.upgrade() else { return };
                     this.registry.reap(this.opts.checkpoint_grace).await;
                 }
             }
-        });
+        }));
         while let Some(incoming) = endpoint.accept().await {
             let this = Arc::clone(&self);
             tokio::spawn(async move {
@@ -233,7 +236,6 @@ impl Server {
                 }
             });
         }
-        reaper.abort();
     }
 
     async fn serve_connection(self: Arc<Self>, conn: Connection) -> Result<(), WireError> {
@@ -276,8 +278,12 @@ impl Server {
         .await?;
 
         let leases: Arc<Mutex<HashMap<u64, Lease>>> = Arc::default();
-        let control =
-            tokio::spawn(Arc::clone(&self).control_stream(send, recv, Arc::clone(&leases)));
+        let control = tokio::spawn(Arc::clone(&self).control_stream(
+            peer.clone(),
+            send,
+            recv,
+            Arc::clone(&leases),
+        ));
         let chunk_slots = Arc::new(Semaphore::new(self.opts.max_chunks_in_flight));
         loop {
             let (send, mut recv) = match conn.accept_bi().await {
@@ -325,6 +331,17 @@ impl Server {
         }
         control.abort();
         leases.lock().clear();
+        let stats = conn.stats();
+        tracing::debug!(
+            peer = %addr,
+            mtu = stats.path.current_mtu,
+            sent_packets = stats.path.sent_packets,
+            lost_packets = stats.path.lost_packets,
+            congestion_events = stats.path.congestion_events,
+            udp_tx_datagrams = stats.udp_tx.datagrams,
+            udp_tx_bytes = stats.udp_tx.bytes,
+            "connection stats"
+        );
         Ok(())
     }
 
@@ -370,6 +387,7 @@ impl Server {
 
     async fn control_stream(
         self: Arc<Self>,
+        peer: Peer,
         mut send: SendStream,
         mut recv: RecvStream,
         leases: Arc<Mutex<HashMap<u64, Lease>>>,
@@ -403,6 +421,20 @@ impl Server {
                         },
                     }
                 }
+                Frame::CertRequest { csr_pem } => match self.auth.sign_csr(&csr_pem, &peer.node_id)
+                {
+                    Ok(cert_pem) => {
+                        tracing::info!(node = %peer.node_id, "signed a certificate for a joining node");
+                        Frame::CertReply {
+                            cert_pem,
+                            ca_pem: self.auth.ca_pem(),
+                        }
+                    }
+                    Err(e) => Frame::Error {
+                        code: ErrorCode::Unavailable,
+                        message: format!("cannot sign a certificate here: {e}"),
+                    },
+                },
                 Frame::SeedDone { session } => {
                     if leases.lock().remove(&session).is_some() {
                         self.stats.seeds_completed.fetch_add(1, Ordering::Relaxed);
@@ -488,6 +520,15 @@ impl Server {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The suffix of checkpoints made for seeds (deleted by the server).
 pub const SEED_TAG: &str = "-seed";
 
@@ -497,7 +538,6 @@ pub struct SeedCheckpoint {
     pub info: CheckpointInfo,
     pub manifest: Manifest,
     encoded: Bytes,
-    files: Vec<OnceLock<std::fs::File>>,
     compress: Vec<OnceLock<bool>>,
 }
 
@@ -508,7 +548,6 @@ impl SeedCheckpoint {
         chunk: usize,
         compression: Compression,
     ) -> Result<(Codec, u32, Bytes), (ErrorCode, String)> {
-        use std::os::unix::fs::FileExt;
         let entry = self
             .manifest
             .files
@@ -522,16 +561,7 @@ impl SeedCheckpoint {
         }
         let (start, end) = entry.chunk_range(chunk, self.manifest.chunk_size);
         let path = self.info.path.join(entry.name.as_str());
-        let f = match self.files[file].get() {
-            Some(f) => f,
-            None => {
-                let opened = std::fs::File::open(&path)
-                    .map_err(|e| (ErrorCode::Internal, format!("open {}: {e}", path.display())))?;
-                self.files[file].get_or_init(|| opened)
-            }
-        };
-        let mut buf = vec![0u8; (end - start) as usize];
-        f.read_exact_at(&mut buf, start)
+        let buf = read_range(&path, start, end)
             .map_err(|e| (ErrorCode::Internal, format!("read {}: {e}", path.display())))?;
         let raw_len = buf.len() as u32;
         let (level, worth) = match compression {
@@ -637,7 +667,6 @@ impl Registry {
                     encoded: Bytes::from(manifest.encode()),
                     info,
                     manifest,
-                    files: (0..n).map(|_| OnceLock::new()).collect(),
                     compress: (0..n).map(|_| OnceLock::new()).collect(),
                 })
             })
@@ -714,4 +743,22 @@ impl RateLimiter {
             tokio::time::sleep(wait).await;
         }
     }
+}
+
+/// Reads `start..end` of the file at `path` into a new buffer, without
+/// zeroing it first (a plain `read_exact_at` needs an initialised buffer).
+fn read_range(path: &std::path::Path, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = (end - start) as usize;
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity(len);
+    f.take(len as u64).read_to_end(&mut buf)?;
+    if buf.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "file shorter than its manifest entry",
+        ));
+    }
+    Ok(buf)
 }

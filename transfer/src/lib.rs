@@ -6,6 +6,7 @@
 //! - [`endpoint`]: quinn endpoints tuned for bulk transfer.
 //! - [`leader`]: the serving side (seeds from checkpoints).
 //! - [`seed`]: the receiving side (verified, parallel, resumable).
+//! - [`replication`], [`follower`]: WAL catch-up and the live stream, both sides.
 //! - [`client`], [`wire`]: connecting, and frames over streams.
 //!
 //! Only this crate names quinn types.
@@ -13,8 +14,10 @@
 pub mod auth;
 pub mod client;
 pub mod endpoint;
+pub mod follower;
 pub mod leader;
 pub mod protocol;
+pub mod replication;
 pub mod seed;
 pub mod wire;
 

@@ -22,8 +22,15 @@
 //! chunk streams (one bi stream per chunk, only after Welcome):
 //!   C: ChunkRequest     S: ChunkReply | Error
 //! replication stream (after Welcome):
-//!   C: Subscribe        S: Batches*  |  C: Applied* (acknowledgements)
+//!   C: Subscribe        S: (Batches | Heartbeat | Mark)*   C: Applied*
+//!                       S: Error(WalPurged) when the WAL no longer has it
+//! enrollment (on the control stream, token-authenticated followers):
+//!   C: CertRequest      S: CertReply | Error
 //! ```
+//!
+//! On the replication stream batches are consecutive: each starts at the
+//! previous one's last sequence plus one. `Mark` is a barrier in that order:
+//! the follower has applied exactly up to `seq` when it reads it.
 
 use bytes::{Buf, BufMut, Bytes};
 use ferry_engine::manifest::MAX_CHUNK_SIZE;
@@ -171,6 +178,25 @@ pub enum Frame {
     Applied {
         seq: Seq,
     },
+    /// The leader's latest sequence, and whether this stream now serves
+    /// the live feed (caught up) or the WAL (catching up).
+    Heartbeat {
+        leader_seq: Seq,
+        live: bool,
+    },
+    /// A barrier: everything up to `seq` was sent before it, nothing after.
+    Mark {
+        seq: Seq,
+    },
+    /// A certificate signing request (PEM) for this node's key.
+    CertRequest {
+        csr_pem: String,
+    },
+    /// The signed certificate and the cluster CA (PEM).
+    CertReply {
+        cert_pem: String,
+        ca_pem: String,
+    },
 }
 
 /// The type byte of each frame.
@@ -187,6 +213,10 @@ mod ty {
     pub const SUBSCRIBE: u8 = 10;
     pub const BATCHES: u8 = 11;
     pub const APPLIED: u8 = 12;
+    pub const HEARTBEAT: u8 = 13;
+    pub const MARK: u8 = 14;
+    pub const CERT_REQUEST: u8 = 15;
+    pub const CERT_REPLY: u8 = 16;
 }
 
 /// Why a frame could not be decoded.
@@ -229,7 +259,7 @@ fn max_len(ty: u8) -> Option<u32> {
         ty::MANIFEST_REPLY => MAX_MANIFEST_FRAME,
         ty::CHUNK_REPLY => MAX_CHUNK_FRAME,
         ty::BATCHES => MAX_BATCHES_FRAME,
-        1..=12 => MAX_CONTROL_FRAME,
+        1..=16 => MAX_CONTROL_FRAME,
         _ => return None,
     })
 }
@@ -249,6 +279,10 @@ impl Frame {
             Frame::Subscribe { .. } => ty::SUBSCRIBE,
             Frame::Batches { .. } => ty::BATCHES,
             Frame::Applied { .. } => ty::APPLIED,
+            Frame::Heartbeat { .. } => ty::HEARTBEAT,
+            Frame::Mark { .. } => ty::MARK,
+            Frame::CertRequest { .. } => ty::CERT_REQUEST,
+            Frame::CertReply { .. } => ty::CERT_REPLY,
         }
     }
 
@@ -267,6 +301,10 @@ impl Frame {
             Frame::Subscribe { .. } => "Subscribe",
             Frame::Batches { .. } => "Batches",
             Frame::Applied { .. } => "Applied",
+            Frame::Heartbeat { .. } => "Heartbeat",
+            Frame::Mark { .. } => "Mark",
+            Frame::CertRequest { .. } => "CertRequest",
+            Frame::CertReply { .. } => "CertReply",
         }
     }
 
@@ -342,6 +380,16 @@ impl Frame {
                 }
             }
             Frame::Applied { seq } => out.put_u64_le(*seq),
+            Frame::Heartbeat { leader_seq, live } => {
+                out.put_u64_le(*leader_seq);
+                out.put_u8(u8::from(*live));
+            }
+            Frame::Mark { seq } => out.put_u64_le(*seq),
+            Frame::CertRequest { csr_pem } => put_str16(out, csr_pem),
+            Frame::CertReply { cert_pem, ca_pem } => {
+                put_str16(out, cert_pem);
+                put_str16(out, ca_pem);
+            }
         }
         let len = out.len() - start - HEADER_LEN + bulk.as_ref().map_or(0, |b| b.len());
         out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
@@ -500,6 +548,37 @@ impl Frame {
                     seq: body.get_u64_le(),
                 }
             }
+            ty::HEARTBEAT => {
+                need!(9);
+                let leader_seq = body.get_u64_le();
+                let live = match body.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::Malformed {
+                            ty: t,
+                            reason: "bad flag",
+                        })
+                    }
+                };
+                Frame::Heartbeat { leader_seq, live }
+            }
+            ty::MARK => {
+                need!(8);
+                Frame::Mark {
+                    seq: body.get_u64_le(),
+                }
+            }
+            ty::CERT_REQUEST => Frame::CertRequest {
+                csr_pem: get_str16(&mut body, t)?,
+            },
+            ty::CERT_REPLY => {
+                let cert_pem = get_str16(&mut body, t)?;
+                Frame::CertReply {
+                    cert_pem,
+                    ca_pem: get_str16(&mut body, t)?,
+                }
+            }
             other => return Err(DecodeError::UnknownType(other)),
         };
         if body.has_remaining() {
@@ -527,6 +606,35 @@ fn get_str8(body: &mut Bytes, t: u8) -> Result<String, DecodeError> {
     }
     let len = body.get_u8() as usize;
     if len > MAX_NODE_ID || body.remaining() < len {
+        return Err(DecodeError::Malformed {
+            ty: t,
+            reason: "bad string length",
+        });
+    }
+    String::from_utf8(body.split_to(len).to_vec()).map_err(|_| DecodeError::Malformed {
+        ty: t,
+        reason: "string is not utf-8",
+    })
+}
+
+/// The longest PEM string a frame carries.
+pub const MAX_PEM: usize = 16 * 1024;
+
+fn put_str16(out: &mut Vec<u8>, s: &str) {
+    let s = truncate(s, MAX_PEM);
+    out.put_u16_le(s.len() as u16);
+    out.put_slice(s.as_bytes());
+}
+
+fn get_str16(body: &mut Bytes, t: u8) -> Result<String, DecodeError> {
+    if body.remaining() < 2 {
+        return Err(DecodeError::Malformed {
+            ty: t,
+            reason: "truncated",
+        });
+    }
+    let len = body.get_u16_le() as usize;
+    if len > MAX_PEM || body.remaining() < len {
         return Err(DecodeError::Malformed {
             ty: t,
             reason: "bad string length",
@@ -638,6 +746,34 @@ mod tests {
     }
 
     #[test]
+    fn golden_replication_frames() {
+        let enc = |f: Frame| {
+            let mut b = Vec::new();
+            f.encode(&mut b);
+            hex::encode(b)
+        };
+        assert_eq!(
+            enc(Frame::Subscribe { after: 9 }),
+            concat!("08000000", "0a", "0900000000000000")
+        );
+        assert_eq!(
+            enc(Frame::Applied { seq: 258 }),
+            concat!("08000000", "0c", "0201000000000000")
+        );
+        assert_eq!(
+            enc(Frame::Heartbeat {
+                leader_seq: 1,
+                live: true
+            }),
+            concat!("09000000", "0d", "0100000000000000", "01")
+        );
+        assert_eq!(
+            enc(Frame::Mark { seq: 2 }),
+            concat!("08000000", "0e", "0200000000000000")
+        );
+    }
+
+    #[test]
     fn oversize_frames_are_refused_from_the_header() {
         let mut h = [0u8; HEADER_LEN];
         h[..4].copy_from_slice(&(MAX_CONTROL_FRAME + 1).to_le_bytes());
@@ -718,6 +854,12 @@ mod tests {
             proptest::collection::vec((any::<u64>(), any::<u32>(), bytes), 0..5)
                 .prop_map(|batches| Frame::Batches { batches }),
             any::<u64>().prop_map(|seq| Frame::Applied { seq }),
+            (any::<u64>(), any::<bool>())
+                .prop_map(|(leader_seq, live)| Frame::Heartbeat { leader_seq, live }),
+            any::<u64>().prop_map(|seq| Frame::Mark { seq }),
+            ".{0,300}".prop_map(|csr_pem| Frame::CertRequest { csr_pem }),
+            (".{0,300}", ".{0,300}")
+                .prop_map(|(cert_pem, ca_pem)| Frame::CertReply { cert_pem, ca_pem }),
         ]
     }
 
@@ -728,7 +870,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_never_panics(ty in 0u8..20, body in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn decode_never_panics(ty in 0u8..24, body in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = Frame::decode(FrameHeader { ty, len: body.len() as u32 }, Bytes::from(body));
         }
     }

@@ -41,6 +41,8 @@ use crate::wire::{expect_frame, write_frame, WireError};
 const MANIFEST_FILE: &str = "manifest.bin";
 const BITMAP_FILE: &str = "verified.bin";
 const INSTALLING: &str = "installing";
+/// The old database's files, kept aside during a re-seed.
+const REUSE_DIR: &str = "reuse";
 
 /// Errors of a seed.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +133,10 @@ pub struct SeedConfig {
     pub transport: TransportOptions,
     /// Called with progress at most a few times a second.
     pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    /// Re-seed a directory that holds a database: its files are kept aside
+    /// and every chunk whose hash matches the new manifest is reused
+    /// instead of fetched.
+    pub reuse_existing: bool,
 }
 
 impl std::fmt::Debug for SeedConfig {
@@ -155,6 +161,7 @@ impl SeedConfig {
             reconnects: 5,
             transport: TransportOptions::default(),
             progress: None,
+            reuse_existing: false,
         }
     }
 }
@@ -286,7 +293,7 @@ pub fn carry_over(old: &Manifest, old_bits: &Bitmap, new: &Manifest) -> Bitmap {
 /// Seeds `cfg.data_dir` from `cfg.leader`; resumes an interrupted seed.
 pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
-    let staging = prepare_target(&cfg.data_dir)?;
+    let staging = prepare_target(&cfg.data_dir, cfg.reuse_existing)?;
     if staging.join(INSTALLING).exists() {
         // Every chunk was verified before the crash; finish the install.
         let manifest = read_manifest(&staging)?;
@@ -341,7 +348,7 @@ struct Tally {
 
 /// Checks that the target is empty (or holds an unfinished seed) and
 /// returns the staging directory.
-fn prepare_target(data: &Path) -> Result<PathBuf, SeedError> {
+fn prepare_target(data: &Path, reuse_existing: bool) -> Result<PathBuf, SeedError> {
     std::fs::create_dir_all(data).map_err(io("create directory", data))?;
     let staging = seed_dir(data);
     if staging.exists() {
@@ -353,6 +360,25 @@ fn prepare_target(data: &Path) -> Result<PathBuf, SeedError> {
         if e.file_name() != ferry_engine::FERRY_DIR {
             others.push(e.file_name().to_string_lossy().into_owned());
         }
+    }
+    if reuse_existing && others.iter().any(|n| n == "CURRENT") {
+        // Keep the old database's files aside for reuse; from here on the
+        // directory is a seed in progress and never opens as a database.
+        let reuse = staging.join(REUSE_DIR);
+        std::fs::create_dir_all(&reuse).map_err(io("create directory", &reuse))?;
+        // CURRENT first: without it the rest is no database.
+        others.sort_by_key(|n| n != "CURRENT");
+        for name in &others {
+            let from = data.join(name);
+            if ferry_engine::FileName::parse(name).is_ok() {
+                std::fs::rename(&from, reuse.join(name)).map_err(io("rename", &from))?;
+            } else if from.is_file() {
+                std::fs::remove_file(&from).map_err(io("remove", &from))?;
+            }
+        }
+        sync_dir(&reuse)?;
+        sync_dir(data)?;
+        return Ok(staging);
     }
     if others.iter().any(|n| n == "CURRENT") {
         return Err(SeedError::NotEmpty {
@@ -412,7 +438,11 @@ fn reconcile(staging: &Path, manifest: &Manifest) -> Result<Bitmap, SeedError> {
     for e in std::fs::read_dir(staging).map_err(io("read directory", staging))? {
         let e = e.map_err(io("read directory", staging))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name != MANIFEST_FILE && name != BITMAP_FILE && !wanted.contains(name.as_str()) {
+        if name != MANIFEST_FILE
+            && name != BITMAP_FILE
+            && name != REUSE_DIR
+            && !wanted.contains(name.as_str())
+        {
             std::fs::remove_file(e.path()).map_err(io("remove", e.path()))?;
         }
     }
@@ -426,10 +456,81 @@ fn reconcile(staging: &Path, manifest: &Manifest) -> Result<Bitmap, SeedError> {
             .map_err(io("create", &p))?;
         file.set_len(f.size).map_err(io("resize", &p))?;
     }
+    let mut bits = bits;
+    reuse_local_files(staging, manifest, &mut bits)?;
     // Bitmap first: it refers to the new manifest's chunk order.
     write_atomic(&staging.join(BITMAP_FILE), bits.as_bytes())?;
     write_atomic(&staging.join(MANIFEST_FILE), &manifest.encode())?;
     Ok(bits)
+}
+
+/// Takes every chunk of the kept-aside old database that matches the new
+/// manifest: whole files by rename when all their chunks match, single
+/// chunks by copy otherwise. Touched files are fsynced before the caller
+/// persists the bitmap.
+fn reuse_local_files(
+    staging: &Path,
+    manifest: &Manifest,
+    bits: &mut Bitmap,
+) -> Result<(), SeedError> {
+    use std::os::unix::fs::FileExt;
+    let reuse = staging.join(REUSE_DIR);
+    if !reuse.exists() {
+        return Ok(());
+    }
+    let offsets = chunk_offsets(manifest);
+    let mut reused = 0u64;
+    for (fi, f) in manifest.files.iter().enumerate() {
+        let old = reuse.join(f.name.as_str());
+        let missing: Vec<usize> = (0..f.chunks.len())
+            .filter(|&c| !bits.get(offsets[fi] + c))
+            .collect();
+        if missing.is_empty() || !old.exists() {
+            continue;
+        }
+        let (hash, chunks, size) = ferry_engine::manifest::hash_file(&old, manifest.chunk_size)?;
+        let target = staging.join(f.name.as_str());
+        if size == f.size && hash == f.hash {
+            std::fs::rename(&old, &target).map_err(io("rename", &old))?;
+            for c in 0..f.chunks.len() {
+                bits.set(offsets[fi] + c);
+            }
+            reused += f.size;
+            continue;
+        }
+        let src = std::fs::File::open(&old).map_err(io("open", &old))?;
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .map_err(io("open", &target))?;
+        let mut copied = false;
+        for c in missing {
+            // A chunk hash depends on the file size (one-chunk files hash as a
+            // whole), so compare with hashes computed for the new size.
+            let (start, end) = f.chunk_range(c, manifest.chunk_size);
+            if end > size || chunks.get(c).is_none() {
+                continue;
+            }
+            let mut buf = vec![0u8; (end - start) as usize];
+            src.read_exact_at(&mut buf, start)
+                .map_err(io("read", &old))?;
+            if chunk_hash(f.size, manifest.chunk_size, c, &buf) == f.chunks[c] {
+                dst.write_all_at(&buf, start)
+                    .map_err(io("write", &target))?;
+                bits.set(offsets[fi] + c);
+                reused += buf.len() as u64;
+                copied = true;
+            }
+        }
+        if copied {
+            dst.sync_data().map_err(io("sync", &target))?;
+        }
+    }
+    if reused > 0 {
+        sync_dir(staging)?;
+        tracing::info!(bytes = reused, "reused local files for the re-seed");
+    }
+    Ok(())
 }
 
 struct Done {
@@ -589,6 +690,17 @@ async fn seed_once(
     .await
     .map_err(join_err)??;
 
+    let stats = client.conn.stats();
+    tracing::debug!(
+        mtu = stats.path.current_mtu,
+        rtt_us = stats.path.rtt.as_micros() as u64,
+        cwnd = stats.path.cwnd,
+        lost_packets = stats.path.lost_packets,
+        congestion_events = stats.path.congestion_events,
+        udp_rx_datagrams = stats.udp_rx.datagrams,
+        udp_rx_bytes = stats.udp_rx.bytes,
+        "connection stats"
+    );
     // Let the leader release the checkpoint.
     match tokio::time::timeout(
         Duration::from_secs(5),

@@ -48,12 +48,16 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, WireErro
         }
     }
     let header = FrameHeader::parse(h)?;
-    let mut body = vec![0u8; header.len as usize];
-    recv.read_exact(&mut body).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => WireError::FinishedEarly(HEADER_LEN + n),
-        quinn::ReadExactError::ReadError(e) => WireError::Read(e),
-    })?;
-    Ok(Some(Frame::decode(header, Bytes::from(body))?))
+    // Collect the body from quinn's own buffers: one copy, no zeroing.
+    let len = header.len as usize;
+    let mut body = bytes::BytesMut::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await? {
+            Some(c) => body.extend_from_slice(&c.bytes),
+            None => return Err(WireError::FinishedEarly(HEADER_LEN + body.len())),
+        }
+    }
+    Ok(Some(Frame::decode(header, body.freeze())?))
 }
 
 /// Reads one frame and fails if the stream ended instead.

@@ -1,0 +1,140 @@
+//! `ferry status` and `ferry verify`: clients of a node's HTTP API.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+fn get(url: &str, timeout: Duration) -> Result<Value> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    match agent.get(url).call() {
+        Ok(r) => r
+            .into_json()
+            .with_context(|| format!("bad JSON from {url}")),
+        Err(ureq::Error::Status(code, r)) => {
+            let body: Value = r.into_json().unwrap_or(Value::Null);
+            bail!(
+                "{url}: HTTP {code}: {}",
+                body["error"].as_str().unwrap_or("(no message)")
+            )
+        }
+        Err(e) => bail!("{url}: {e}"),
+    }
+}
+
+/// Prints a node's status.
+pub fn status(http: SocketAddr, json: bool) -> Result<i32> {
+    let s = get(&format!("http://{http}/v1/status"), Duration::from_secs(10))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(0);
+    }
+    let v = |k: &str| match &s[k] {
+        Value::Null => "-".to_owned(),
+        Value::String(x) => x.clone(),
+        other => other.to_string(),
+    };
+    println!("node       {}", v("node_id"));
+    println!("role       {}", v("role"));
+    println!(
+        "state      {}{}",
+        v("state"),
+        s["detail"]
+            .as_str()
+            .map(|d| format!(" ({d})"))
+            .unwrap_or_default()
+    );
+    println!("sequence   {}", v("seq"));
+    println!("oldest WAL {}", v("oldest_wal_seq"));
+    if s["role"] == "follower" {
+        let r = &s["replica"];
+        println!("leader     {} (at {})", v("leader"), r["leader_seq"]);
+        println!(
+            "applied    {} (acked {}, lag {} seqs)",
+            r["applied_seq"],
+            r["acked_seq"],
+            r["leader_seq"]
+                .as_u64()
+                .unwrap_or(0)
+                .saturating_sub(r["applied_seq"].as_u64().unwrap_or(0))
+        );
+    }
+    if let Some(p) = s["seed"].as_object() {
+        if s["state"] == "seeding" || s["state"] == "reseeding" {
+            println!(
+                "seed       {} of {} bytes",
+                p["bytes_done"], p["bytes_total"]
+            );
+        }
+    }
+    if let Some(fs) = s["followers"].as_array() {
+        if !fs.is_empty() {
+            println!();
+            println!(
+                "{:<24} {:<22} {:<12} {:>12} {:>10} {:>10} {:>12}",
+                "FOLLOWER", "ADDRESS", "STATE", "ACKED", "LAG SEQS", "LAG MS", "LAG BYTES"
+            );
+            for f in fs {
+                let n = |k: &str| f[k].to_string();
+                println!(
+                    "{:<24} {:<22} {:<12} {:>12} {:>10} {:>10} {:>12}",
+                    f["node_id"].as_str().unwrap_or("?"),
+                    f["addr"].as_str().unwrap_or("?"),
+                    f["state"].as_str().unwrap_or("?"),
+                    n("acked_seq"),
+                    n("lag_seqs"),
+                    n("lag_ms"),
+                    n("lag_bytes")
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Compares digests at the same sequence; 0 when equal, 3 when not.
+pub fn verify(
+    leader: SocketAddr,
+    follower: SocketAddr,
+    timeout: Duration,
+    json: bool,
+) -> Result<i32> {
+    // The leader takes a snapshot and marks its sequence in every follower's
+    // stream, so the follower's digest is taken at exactly that sequence.
+    let l = get(
+        &format!("http://{leader}/v1/digest?mark=true"),
+        Duration::from_secs(3600),
+    )
+    .context("leader digest")?;
+    let seq = l["seq"]
+        .as_u64()
+        .context("the leader's digest has no sequence")?;
+    let url = format!(
+        "http://{follower}/v1/digest?seq={seq}&timeout_ms={}",
+        timeout.as_millis()
+    );
+    let f = get(&url, timeout + Duration::from_secs(3600)).context("follower digest")?;
+    let same = l["digest"] == f["digest"] && l["seq"] == f["seq"];
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "match": same, "seq": seq, "leader": l, "follower": f })
+        );
+    } else {
+        println!(
+            "leader    {} at {} ({} keys)",
+            l["digest"].as_str().unwrap_or("?"),
+            l["seq"],
+            l["keys"]
+        );
+        println!(
+            "follower  {} at {} ({} keys)",
+            f["digest"].as_str().unwrap_or("?"),
+            f["seq"],
+            f["keys"]
+        );
+        println!("{}", if same { "match" } else { "MISMATCH" });
+    }
+    Ok(if same { 0 } else { 3 })
+}

@@ -1,0 +1,483 @@
+//! The daemon, as real `ferry serve` processes on loopback: followers join
+//! under load, survive kills in every state, re-seed when the WAL is gone,
+//! cascade, and the HTTP API behaves.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_tests::{verify, Proc};
+
+const T: Duration = Duration::from_secs(90);
+
+fn dirs() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Writes in a loop until stopped; returns the last sequence.
+fn load(leader: &Proc, stop: Arc<AtomicBool>, last: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+    let url = leader.url("/v1/batch");
+    std::thread::spawn(move || {
+        let mut i = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+            let ops: Vec<_> = (0..20).map(|j| serde_json::json!({"op": "put", "key": format!("load-{:03}", (i * 20 + j) % 997), "value": format!("v{i}-{j}")})).collect();
+            let mut ops = ops;
+            ops.push(serde_json::json!({"op": "delete", "key": format!("load-{:03}", i % 997)}));
+            let r: serde_json::Value = ureq::post(&url)
+                .send_json(serde_json::json!({ "ops": ops }))
+                .expect("load write")
+                .into_json()
+                .expect("json");
+            last.store(r["seq"].as_u64().expect("seq"), Ordering::SeqCst);
+            i += 1;
+        }
+    })
+}
+
+#[test]
+fn a_follower_added_under_continuous_load_converges() {
+    let d = dirs();
+    let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    leader.fill("base-", 30_000, 1000, 100);
+    let (stop, last) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let writer = load(&leader, Arc::clone(&stop), Arc::clone(&last));
+    std::thread::sleep(Duration::from_millis(300));
+    let follower = Proc::start(
+        &d.path().join("f1"),
+        &[
+            "--node-id",
+            "f1",
+            "--follow",
+            &leader.quic.to_string(),
+            "--token",
+            &leader.token(),
+        ],
+    );
+    follower.wait_state("live", T);
+    // Live while the load goes on: the follower keeps up.
+    let before = last.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        last.load(Ordering::SeqCst) > before,
+        "the load kept writing"
+    );
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    stop.store(true, Ordering::SeqCst);
+    writer.join().expect("writer");
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    let st = leader.status();
+    let f = &st["followers"][0];
+    assert_eq!(f["node_id"], "f1");
+    assert_eq!(f["state"], "live");
+    // The follower was seeded once and catches up with no re-seed.
+    let fs = follower.status();
+    assert_eq!(fs["reseeds"], 0);
+    assert!(fs["last_seed"]["bytes_total"].as_u64().expect("seed") > 1_000_000);
+}
+
+#[test]
+fn a_follower_killed_in_every_state_converges_without_reseeding() {
+    let d = dirs();
+    // A slow link: the seed takes a few seconds, so it can be killed midway.
+    let leader = Proc::start(
+        &d.path().join("leader"),
+        &[
+            "--node-id",
+            "leader",
+            "--max-rate",
+            "3M",
+            "--compression",
+            "off",
+        ],
+    );
+    // About 12 MB that compresses poorly: four seconds at 3 MB/s.
+    leader.fill("big-", 6000, 500, 2000);
+    ureq::post(&leader.url("/v1/admin/flush"))
+        .call()
+        .expect("flush");
+    let token = leader.token();
+    let mut follower = Proc::start(
+        &d.path().join("f1"),
+        &[
+            "--node-id",
+            "f1",
+            "--follow",
+            &leader.quic.to_string(),
+            "--token",
+            &token,
+        ],
+    );
+
+    // 1. Killed while seeding, once some chunks are durably recorded: the
+    //    restart resumes the seed.
+    let bitmap = ferry_engine::seed_dir(&follower.data).join("verified.bin");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let done: u32 = std::fs::read(&bitmap)
+            .map(|b| b.iter().map(|x| x.count_ones()).sum())
+            .unwrap_or(0);
+        if done >= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the seed made no durable progress: {}",
+            follower.status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(follower.status()["state"], "seeding");
+    follower.kill();
+    follower.spawn();
+    follower.wait_state("live", T);
+    let s = follower.status();
+    assert!(
+        s["last_seed"]["bytes_reused"].as_u64().expect("report") > 0,
+        "the seed resumed: {s}"
+    );
+    assert_eq!(s["reseeds"], 0);
+
+    // 2. Killed while live: the restart picks up from its own sequence.
+    leader.fill("more-", 2000, 500, 50);
+    follower.kill();
+    leader.fill("while-down-", 2000, 500, 50);
+    follower.spawn();
+    follower.wait_state("live", T);
+    assert!(
+        follower.status()["last_seed"].is_null(),
+        "no seed after a restart"
+    );
+
+    // 3. Killed while catching up on a large backlog.
+    follower.kill();
+    leader.fill("backlog-", 150_000, 1000, 100);
+    follower.spawn();
+    let deadline = std::time::Instant::now() + T;
+    let mut saw_catching_up = false;
+    while std::time::Instant::now() < deadline {
+        let s = follower.status();
+        if s["state"] == "catching-up" && s["seq"].as_u64().unwrap_or(0) > 0 {
+            saw_catching_up = true;
+            break;
+        }
+        if s["state"] == "live" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    follower.kill();
+    follower.spawn();
+    follower.wait_state("live", T);
+    let s = follower.status();
+    assert!(s["last_seed"].is_null(), "no seed after a restart: {s}");
+    assert_eq!(s["reseeds"], 0);
+    eprintln!("killed while catching up: {saw_catching_up}");
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    // SIGTERM stops both cleanly.
+    assert!(follower.stop().success());
+}
+
+#[test]
+fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
+    let d = dirs();
+    let mut leader = Proc::start(
+        &d.path().join("leader"),
+        &[
+            "--node-id",
+            "leader",
+            "--wal-ttl-secs",
+            "0",
+            "--wal-size-limit-mb",
+            "0",
+        ],
+    );
+    leader.fill("base-", 60_000, 1000, 200);
+    ureq::post(&leader.url("/v1/admin/flush"))
+        .call()
+        .expect("flush");
+    let mut follower = Proc::start(
+        &d.path().join("f1"),
+        &[
+            "--node-id",
+            "f1",
+            "--follow",
+            &leader.quic.to_string(),
+            "--token",
+            &leader.token(),
+            "--reseed-backoff-secs",
+            "1",
+        ],
+    );
+    follower.wait_state("live", T);
+    let first = follower.status()["last_seed"]["bytes_total"]
+        .as_u64()
+        .expect("seeded");
+    let fseq = follower.status()["seq"].as_u64().expect("seq");
+    follower.kill();
+    // While it is down, the leader writes, flushes (with no WAL retention
+    // the old WAL is deleted at once) and restarts, so that neither its WAL
+    // nor its in-memory feed reaches back to the follower.
+    leader.fill("later-", 3000, 1000, 200);
+    ureq::post(&leader.url("/v1/admin/flush"))
+        .call()
+        .expect("flush");
+    leader.stop();
+    leader.spawn();
+    let oldest = leader.status()["oldest_wal_seq"].as_u64();
+    assert!(
+        oldest.map_or(true, |o| o > fseq + 1),
+        "the WAL must be gone past the follower at {fseq}: oldest {oldest:?}"
+    );
+    follower.spawn();
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let s = follower.status();
+        if s["state"] == "live" && s["reseeds"] == 1 {
+            let seed = &s["last_seed"];
+            let (total, fetched, reused) = (
+                seed["bytes_total"].as_u64().expect("t"),
+                seed["bytes_fetched"].as_u64().expect("f"),
+                seed["bytes_reused"].as_u64().expect("r"),
+            );
+            assert!(
+                reused > total / 2,
+                "most bytes come from local files: {seed}"
+            );
+            assert!(
+                fetched < total / 2 && fetched < first,
+                "the re-seed moved less than a full seed: {seed}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no re-seed: {s}\n{}",
+            follower.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        follower.log_text().contains("re-seeding"),
+        "a clear log line"
+    );
+    let metrics = ureq::get(&follower.url("/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ferry_reseeds_total") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn two_followers_at_once_and_a_cascading_seed() {
+    let d = dirs();
+    let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    leader.fill("base-", 20_000, 1000, 100);
+    let token = leader.token();
+    let lq = leader.quic.to_string();
+    let f1 = Proc::start(
+        &d.path().join("f1"),
+        &["--node-id", "f1", "--follow", &lq, "--token", &token],
+    );
+    let f2 = Proc::start(
+        &d.path().join("f2"),
+        &["--node-id", "f2", "--follow", &lq, "--token", &token],
+    );
+    f1.wait_state("live", T);
+    f2.wait_state("live", T);
+    leader.fill("after-", 1000, 100, 10);
+    assert_eq!(verify(&leader, &f1).0, 0);
+    assert_eq!(verify(&leader, &f2).0, 0);
+    let served_by_leader = leader.status()["seeds_served"].as_u64().expect("served");
+    assert_eq!(served_by_leader, 2);
+
+    // A third node seeds from f1 (taking the bulk load off the leader) and
+    // tails the leader's WAL: sequences are identical across replicas.
+    let f3 = Proc::start(
+        &d.path().join("f3"),
+        &[
+            "--node-id",
+            "f3",
+            "--follow",
+            &lq,
+            "--seed-from",
+            &f1.quic.to_string(),
+            "--token",
+            &token,
+        ],
+    );
+    f3.wait_state("live", T);
+    assert_eq!(f1.status()["seeds_served"], 1, "f1 served the seed");
+    assert_eq!(
+        leader.status()["seeds_served"].as_u64(),
+        Some(served_by_leader),
+        "the leader served no new seed"
+    );
+    leader.fill("final-", 500, 100, 10);
+    let (code, out) = verify(&leader, &f3);
+    assert_eq!(code, 0, "{out}");
+    let ids: Vec<String> = leader.status()["followers"]
+        .as_array()
+        .expect("followers")
+        .iter()
+        .map(|f| f["node_id"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for id in ["f1", "f2", "f3"] {
+        assert!(ids.iter().any(|i| i == id), "{id} in {ids:?}");
+    }
+}
+
+#[test]
+fn the_http_api_on_leader_and_follower() {
+    let d = dirs();
+    let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    let follower = Proc::start(
+        &d.path().join("f1"),
+        &[
+            "--node-id",
+            "f1",
+            "--follow",
+            &leader.quic.to_string(),
+            "--token",
+            &leader.token(),
+        ],
+    );
+    follower.wait_state("live", T);
+
+    // Writes and reads on the leader, each with the sequence it reflects.
+    let seq = leader.put("user:1", b"alice");
+    let r = ureq::get(&leader.url("/v1/kv/user:1")).call().expect("get");
+    assert_eq!(
+        r.header("x-ferry-seq").and_then(|s| s.parse::<u64>().ok()),
+        Some(seq)
+    );
+    assert_eq!(r.into_string().expect("body"), "alice");
+    let b: serde_json::Value = ureq::post(&leader.url("/v1/batch"))
+        .send_json(serde_json::json!({"ops": [{"op": "put", "key": "user:2", "value": "bob"}, {"op": "put", "key": "user:3", "value_b64": "/wA="}, {"op": "delete", "key": "user:1"}]}))
+        .expect("batch")
+        .into_json()
+        .expect("json");
+    assert_eq!(b["seq"].as_u64(), Some(seq + 3));
+    assert_eq!(b["first_seq"].as_u64(), Some(seq + 1));
+    let s: serde_json::Value = ureq::get(&leader.url("/v1/scan?prefix=user:&limit=10"))
+        .call()
+        .expect("scan")
+        .into_json()
+        .expect("json");
+    assert_eq!(s["items"].as_array().expect("items").len(), 2);
+    assert_eq!(s["items"][0]["key"], "user:2");
+    assert!(
+        s["items"][1]["value_b64"].is_string(),
+        "binary values come as base64"
+    );
+    let del: serde_json::Value = ureq::delete(&leader.url("/v1/kv/user:2"))
+        .call()
+        .expect("delete")
+        .into_json()
+        .expect("json");
+    let last = del["seq"].as_u64().expect("seq");
+
+    // The follower refuses writes and names the leader.
+    match ureq::put(&follower.url("/v1/kv/x")).send_bytes(b"y") {
+        Err(ureq::Error::Status(421, r)) => {
+            let body: serde_json::Value = r.into_json().expect("json");
+            assert_eq!(body["leader"], leader.quic.to_string());
+        }
+        other => panic!("a follower write must be refused: {other:?}"),
+    }
+    // Read-your-writes across replicas.
+    let w = leader.put("ryw", b"mine");
+    let r = ureq::get(&follower.url(&format!("/v1/kv/ryw?min_seq={w}")))
+        .call()
+        .expect("min_seq read");
+    assert!(
+        r.header("x-ferry-seq")
+            .and_then(|s| s.parse::<u64>().ok())
+            .expect("seq")
+            >= w
+    );
+    assert_eq!(r.into_string().expect("body"), "mine");
+    assert!(
+        ureq::get(&follower.url(&format!("/v1/kv/user:2?min_seq={last}")))
+            .call()
+            .is_err(),
+        "deleted on the follower too"
+    );
+    // A sequence that never comes times out, boundedly.
+    match ureq::get(&follower.url(&format!(
+        "/v1/kv/ryw?min_seq={}&timeout_ms=200",
+        w + 1_000_000
+    )))
+    .call()
+    {
+        Err(ureq::Error::Status(504, _)) => {}
+        other => panic!("expected 504: {other:?}"),
+    }
+
+    // Bad input is a 4xx with a message.
+    let long_key = "k".repeat(5000);
+    for (req, body) in [
+        (ureq::put(&leader.url(&format!("/v1/kv/{long_key}"))), None),
+        (ureq::post(&leader.url("/v1/batch")), Some("not json")),
+        (ureq::post(&leader.url("/v1/batch")), Some(r#"{"ops": []}"#)),
+        (
+            ureq::post(&leader.url("/v1/batch")),
+            Some(r#"{"ops": [{"op": "put", "key": "a"}]}"#),
+        ),
+        (ureq::get(&leader.url("/v1/scan?limit=0")), None),
+    ] {
+        let r = match body {
+            Some(b) => req.set("content-type", "application/json").send_string(b),
+            None => req.call(),
+        };
+        match r {
+            Err(ureq::Error::Status(code, resp)) => {
+                assert!((400..500).contains(&code), "{code}");
+                let v: serde_json::Value = resp.into_json().expect("json error");
+                assert!(v["error"].is_string());
+            }
+            other => panic!("bad input accepted: {other:?}"),
+        }
+    }
+    // An oversized body is refused.
+    let huge = vec![b'x'; 9 << 20];
+    assert!(matches!(
+        ureq::put(&leader.url("/v1/kv/huge")).send_bytes(&huge),
+        Err(ureq::Error::Status(413, _))
+    ));
+
+    // Status and metrics.
+    let st = leader.status();
+    assert_eq!(st["role"], "leader");
+    assert!(st["oldest_wal_seq"].as_u64().is_some());
+    let fst = follower.status();
+    assert_eq!(
+        (fst["role"].as_str(), fst["state"].as_str()),
+        (Some("follower"), Some("live"))
+    );
+    let m = ureq::get(&leader.url("/metrics"))
+        .call()
+        .expect("metrics")
+        .into_string()
+        .expect("text");
+    assert!(
+        m.contains("ferry_follower_lag_seqs{") && m.contains("ferry_latest_seq{"),
+        "{m}"
+    );
+    let out = ferry_tests::ferry(&["status", "--http", &leader.http.to_string()]);
+    assert!(out.contains("f1") && out.contains("live"), "{out}");
+}

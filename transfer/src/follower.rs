@@ -1,0 +1,369 @@
+//! Replication, follower side: subscribe from the local sequence, apply
+//! every batch in order, acknowledge what is durable, reconnect with
+//! back-off, and stop on divergence or a purged WAL (the caller re-seeds).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_engine::{Digest, Error as EngineError, RawBatch, Seq, Store};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::auth::ClientAuth;
+use crate::client::{Client, ConnectError};
+use crate::endpoint::TransportOptions;
+use crate::protocol::{ErrorCode, Frame, Role};
+use crate::wire::{read_frame, write_frame, WireError};
+
+/// How a follower reaches its leader.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub leader: SocketAddr,
+    pub auth: ClientAuth,
+    pub node_id: String,
+    pub transport: TransportOptions,
+    /// Acknowledge (and fsync the WAL) at most this often.
+    pub ack_interval: Duration,
+}
+
+impl ReplicaConfig {
+    pub fn new(leader: SocketAddr, auth: ClientAuth, node_id: String) -> Self {
+        Self {
+            leader,
+            auth,
+            node_id,
+            transport: TransportOptions::default(),
+            ack_interval: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Why replication stopped for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationEnd {
+    /// The leader's WAL no longer holds what this follower needs: re-seed.
+    WalPurged { message: String },
+    /// The follower's data and the leader's stream disagree: stop.
+    Diverged { message: String },
+    /// Shutdown was requested.
+    Shutdown,
+}
+
+/// What the follower side reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplicaSnapshot {
+    /// `connecting`, `catching-up` or `live`.
+    pub state: &'static str,
+    pub leader_seq: Seq,
+    pub applied_seq: Seq,
+    pub acked_seq: Seq,
+    pub batches_applied: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+}
+
+/// Shared, live state of the follower side.
+#[derive(Default)]
+pub struct ReplicaStatus {
+    inner: Mutex<ReplicaSnapshot>,
+    /// Digests taken at marks: `None` while computing.
+    digests: Mutex<BTreeMap<Seq, Option<Result<Digest, String>>>>,
+}
+
+impl ReplicaStatus {
+    pub fn snapshot(&self) -> ReplicaSnapshot {
+        self.inner.lock().clone()
+    }
+
+    /// The digest taken at the mark `seq`: `None` if no mark arrived for it,
+    /// `Some(None)` while it is being computed.
+    pub fn marked_digest(&self, seq: Seq) -> Option<Option<Result<Digest, String>>> {
+        self.digests.lock().get(&seq).cloned()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ReplicaSnapshot)) {
+        f(&mut self.inner.lock());
+    }
+
+    fn start_digest(self: &Arc<Self>, store: &Store, seq: Seq) {
+        let local = store.latest_seq();
+        if local != seq {
+            tracing::warn!(
+                mark = seq,
+                local,
+                "a mark arrived at another sequence; ignoring it"
+            );
+            return;
+        }
+        {
+            let mut d = self.digests.lock();
+            d.insert(seq, None);
+            while d.len() > 16 {
+                let first = *d.keys().next().unwrap_or(&seq);
+                d.remove(&first);
+            }
+        }
+        // The snapshot is taken before this returns, so no later batch is in it.
+        match store.spawn_digest(|_| {}) {
+            Ok((_, handle)) => {
+                let this = Arc::clone(self);
+                std::thread::spawn(move || {
+                    let r = match handle.join() {
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                        Err(_) => Err("digest thread panicked".into()),
+                    };
+                    this.digests.lock().insert(seq, Some(r));
+                });
+            }
+            Err(e) => {
+                self.digests.lock().insert(seq, Some(Err(e.to_string())));
+            }
+        }
+    }
+}
+
+/// Why one connection's stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Wire(#[from] WireError),
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the leader refused ({code:?}): {message}")]
+    Refused { code: ErrorCode, message: String },
+    #[error("bad batch from the leader: {0}")]
+    BadBatch(EngineError),
+    #[error("apply: {0}")]
+    Apply(EngineError),
+    #[error("shutdown")]
+    Shutdown,
+}
+
+/// Replicates from the leader into `store` until replication must stop.
+pub async fn replicate(
+    store: Store,
+    cfg: ReplicaConfig,
+    status: Arc<ReplicaStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReplicationEnd {
+    let endpoint = match crate::endpoint::client_endpoint(
+        crate::endpoint::unspecified_for(cfg.leader),
+        &cfg.transport,
+    ) {
+        Ok(e) => e,
+        Err(e) => {
+            return ReplicationEnd::Diverged {
+                message: format!("cannot create a QUIC endpoint: {e}"),
+            }
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    let end = loop {
+        if *shutdown.borrow() {
+            break ReplicationEnd::Shutdown;
+        }
+        status.update(|s| s.state = "connecting");
+        let started = Instant::now();
+        let r = stream_once(&endpoint, &store, &cfg, &status, &mut shutdown).await;
+        let err = match r {
+            Ok(()) | Err(StreamError::Shutdown) => break ReplicationEnd::Shutdown,
+            Err(StreamError::Refused {
+                code: ErrorCode::WalPurged,
+                message,
+            }) => break ReplicationEnd::WalPurged { message },
+            Err(StreamError::Apply(EngineError::Divergence(d))) => {
+                break ReplicationEnd::Diverged {
+                    message: d.to_string(),
+                }
+            }
+            Err(StreamError::Refused {
+                code: ErrorCode::Protocol,
+                message,
+            }) if message.contains("diverged") => break ReplicationEnd::Diverged { message },
+            Err(StreamError::Apply(e)) => {
+                break ReplicationEnd::Diverged {
+                    message: format!("cannot apply: {e}"),
+                }
+            }
+            Err(e) => e,
+        };
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        tracing::warn!(leader = %cfg.leader, error = %err, retry_in = ?backoff, "replication interrupted");
+        status.update(|s| {
+            s.reconnects += 1;
+            s.last_error = Some(err.to_string());
+        });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    };
+    endpoint.close(0u32.into(), b"bye");
+    end
+}
+
+async fn stream_once(
+    endpoint: &quinn::Endpoint,
+    store: &Store,
+    cfg: &ReplicaConfig,
+    status: &Arc<ReplicaStatus>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), StreamError> {
+    let client = Client::connect(
+        endpoint,
+        cfg.leader,
+        &cfg.auth,
+        &cfg.transport,
+        &cfg.node_id,
+        Role::Follower,
+    )
+    .await?;
+    let (mut send, mut recv) = client.open().await?;
+    let after = store.latest_seq();
+    write_frame(&mut send, &Frame::Subscribe { after }).await?;
+    tracing::info!(leader = %cfg.leader, after, "subscribed");
+    status.update(|s| {
+        s.state = "catching-up";
+        s.applied_seq = after;
+        s.leader_seq = s.leader_seq.max(client.latest_seq);
+    });
+    let mut acked = after;
+    let mut last_ack = Instant::now();
+    loop {
+        let frame = tokio::select! {
+            f = read_frame(&mut recv) => f?,
+            _ = tokio::time::sleep(cfg.ack_interval) => {
+                ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
+                continue;
+            }
+            _ = shutdown.changed() => {
+                let _ = ack(store, &mut send, &mut acked, &mut last_ack, status).await;
+                return Err(StreamError::Shutdown);
+            }
+        };
+        match frame {
+            Some(Frame::Batches { batches }) => {
+                // Parse everything before applying anything: bytes from the
+                // wire are untrusted.
+                let parsed = batches
+                    .into_iter()
+                    .map(|(first, _count, data)| RawBatch::parse(first, data))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(StreamError::BadBatch)?;
+                let n = parsed.len() as u64;
+                let s2 = store.clone();
+                tokio::task::spawn_blocking(move || s2.apply_many(&parsed))
+                    .await
+                    .map_err(|e| {
+                        StreamError::Apply(EngineError::Malformed {
+                            what: "apply task",
+                            reason: e.to_string(),
+                        })
+                    })?
+                    .map_err(StreamError::Apply)?;
+                let applied = store.latest_seq();
+                status.update(|s| {
+                    s.applied_seq = applied;
+                    s.batches_applied += n;
+                    s.leader_seq = s.leader_seq.max(applied);
+                });
+                if last_ack.elapsed() >= cfg.ack_interval {
+                    ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
+                }
+            }
+            Some(Frame::Heartbeat { leader_seq, live }) => {
+                status.update(|s| {
+                    s.leader_seq = s.leader_seq.max(leader_seq);
+                    s.state = if live { "live" } else { "catching-up" };
+                });
+                ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
+            }
+            Some(Frame::Mark { seq }) => status.start_digest(store, seq),
+            Some(Frame::Error { code, message }) => {
+                return Err(StreamError::Refused { code, message })
+            }
+            Some(other) => {
+                return Err(WireError::Unexpected {
+                    got: other.name(),
+                    state: "replicating",
+                }
+                .into())
+            }
+            None => return Err(WireError::FinishedEarly(0).into()),
+        }
+    }
+}
+
+/// Makes applied batches durable and acknowledges them.
+async fn ack(
+    store: &Store,
+    send: &mut quinn::SendStream,
+    acked: &mut Seq,
+    last_ack: &mut Instant,
+    status: &ReplicaStatus,
+) -> Result<(), StreamError> {
+    *last_ack = Instant::now();
+    let applied = store.latest_seq();
+    if applied == *acked {
+        return Ok(());
+    }
+    let s2 = store.clone();
+    tokio::task::spawn_blocking(move || s2.sync_wal())
+        .await
+        .map_err(|e| {
+            StreamError::Apply(EngineError::Malformed {
+                what: "sync task",
+                reason: e.to_string(),
+            })
+        })?
+        .map_err(StreamError::Apply)?;
+    write_frame(send, &Frame::Applied { seq: applied }).await?;
+    *acked = applied;
+    status.update(|s| s.acked_seq = applied);
+    Ok(())
+}
+
+/// Asks the leader to sign a certificate for this node (enrollment), over
+/// a token-authenticated connection.
+pub async fn enroll(
+    leader: SocketAddr,
+    auth: &ClientAuth,
+    node_id: &str,
+    transport: &TransportOptions,
+    csr_pem: &str,
+) -> Result<(String, String), EnrollError> {
+    let endpoint =
+        crate::endpoint::client_endpoint(crate::endpoint::unspecified_for(leader), transport)
+            .map_err(|e| EnrollError(e.to_string()))?;
+    let mut client = Client::connect(&endpoint, leader, auth, transport, node_id, Role::Follower)
+        .await
+        .map_err(|e| EnrollError(e.to_string()))?;
+    let reply = client
+        .request(&Frame::CertRequest {
+            csr_pem: csr_pem.to_owned(),
+        })
+        .await
+        .map_err(|e| EnrollError(e.to_string()))?;
+    client.close().await;
+    endpoint.close(0u32.into(), b"bye");
+    match reply {
+        Frame::CertReply { cert_pem, ca_pem } => Ok((cert_pem, ca_pem)),
+        other => Err(EnrollError(format!(
+            "unexpected {} in reply to CertRequest",
+            other.name()
+        ))),
+    }
+}
+
+/// An enrollment failure.
+#[derive(Debug, thiserror::Error)]
+#[error("enrollment failed: {0}")]
+pub struct EnrollError(pub String);

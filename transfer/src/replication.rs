@@ -1,0 +1,485 @@
+//! Replication, leader side: every batch after a follower's sequence, first
+//! from the WAL on disk, then from the in-memory live feed, with no gap and
+//! no duplicate; and per-follower tracking of what was acknowledged.
+//!
+//! The stream position `pos` is the last sequence sent. Each step reads the
+//! batches after `pos`: from the feed when it still holds them, otherwise
+//! from the WAL (on a blocking thread, through a bounded channel). Both
+//! sources are keyed by sequence and checked for continuity, so the
+//! hand-over between them cannot skip or repeat a batch. When the WAL no
+//! longer holds `pos + 1` the follower is told `WalPurged` and re-seeds.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferry_engine::{Error as EngineError, RawBatch, Seq, Store};
+use parking_lot::Mutex;
+use quinn::{RecvStream, SendStream};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::leader::{Peer, StreamHandler};
+use crate::protocol::{ErrorCode, Frame};
+use crate::wire::{read_frame, send_error, write_frame, WireError};
+
+/// Knobs of the replication stream.
+#[derive(Debug, Clone)]
+pub struct ReplicationOptions {
+    /// Largest `Batches` frame body, in bytes (soft: one batch may exceed it).
+    pub max_frame_bytes: usize,
+    /// Heartbeat interval when idle.
+    pub heartbeat: Duration,
+}
+
+impl Default for ReplicationOptions {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            heartbeat: Duration::from_millis(250),
+        }
+    }
+}
+
+/// What the leader knows about one follower.
+#[derive(Debug, Clone, Serialize)]
+pub struct FollowerInfo {
+    pub node_id: String,
+    pub addr: String,
+    /// `catching-up` (served from the WAL), `live` (from the feed) or `disconnected`.
+    pub state: &'static str,
+    pub sent_seq: Seq,
+    /// The last sequence the follower durably applied.
+    pub acked_seq: Seq,
+    /// Sequences the follower is behind the leader.
+    pub lag_seqs: u64,
+    /// Bytes sent and not yet acknowledged.
+    pub lag_bytes: u64,
+    /// Age of the oldest batch sent and not yet acknowledged.
+    pub lag_ms: u64,
+    pub bytes_sent: u64,
+    pub connected_secs: u64,
+}
+
+struct FollowerState {
+    node_id: String,
+    addr: SocketAddr,
+    inner: Mutex<Tracking>,
+}
+
+struct Tracking {
+    state: &'static str,
+    sent: Seq,
+    acked: Seq,
+    bytes_sent: u64,
+    /// (last sequence, when sent, bytes) of frames not yet acknowledged.
+    unacked: VecDeque<(Seq, Instant, u64)>,
+    since: Instant,
+}
+
+const MAX_UNACKED: usize = 1 << 20;
+
+impl FollowerState {
+    fn sent(&self, last: Seq, bytes: u64) {
+        let mut t = self.inner.lock();
+        t.sent = last;
+        t.bytes_sent += bytes;
+        if t.unacked.len() < MAX_UNACKED {
+            t.unacked.push_back((last, Instant::now(), bytes));
+        } else if let Some(back) = t.unacked.back_mut() {
+            // Keep the oldest send time; fold the newest frames together.
+            back.0 = last;
+            back.2 += bytes;
+        }
+    }
+
+    fn acked(&self, seq: Seq) {
+        let mut t = self.inner.lock();
+        if seq > t.acked {
+            t.acked = seq;
+        }
+        while t.unacked.front().is_some_and(|f| f.0 <= seq) {
+            t.unacked.pop_front();
+        }
+    }
+
+    fn set_state(&self, s: &'static str) {
+        self.inner.lock().state = s;
+    }
+
+    fn info(&self, latest: Seq) -> FollowerInfo {
+        let t = self.inner.lock();
+        FollowerInfo {
+            node_id: self.node_id.clone(),
+            addr: self.addr.to_string(),
+            state: t.state,
+            sent_seq: t.sent,
+            acked_seq: t.acked,
+            lag_seqs: latest.saturating_sub(t.acked),
+            lag_bytes: t.unacked.iter().map(|u| u.2).sum(),
+            lag_ms: t
+                .unacked
+                .front()
+                .map_or(0, |u| u.1.elapsed().as_millis() as u64),
+            bytes_sent: t.bytes_sent,
+            connected_secs: t.since.elapsed().as_secs(),
+        }
+    }
+}
+
+/// Why a replication stream ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the follower went away")]
+    Gone,
+}
+
+/// The leader's replication service; install it with
+/// [`crate::Server::set_stream_handler`].
+pub struct Replication {
+    store: Store,
+    opts: ReplicationOptions,
+    followers: Mutex<BTreeMap<String, Arc<FollowerState>>>,
+    marks: Mutex<BTreeSet<Seq>>,
+    marks_tx: watch::Sender<u64>,
+}
+
+impl Replication {
+    pub fn new(store: Store, opts: ReplicationOptions) -> Arc<Self> {
+        let (marks_tx, _) = watch::channel(0);
+        Arc::new(Self {
+            store,
+            opts,
+            followers: Mutex::default(),
+            marks: Mutex::default(),
+            marks_tx,
+        })
+    }
+
+    /// Every follower seen since start, with its lag.
+    pub fn followers(&self) -> Vec<FollowerInfo> {
+        let latest = self.store.latest_seq();
+        self.followers
+            .lock()
+            .values()
+            .map(|f| f.info(latest))
+            .collect()
+    }
+
+    /// Takes a snapshot, asks every follower to mark the same sequence
+    /// (a barrier in the stream), and computes the leader's digest.
+    pub fn spawn_marked_digest(
+        self: &Arc<Self>,
+    ) -> Result<
+        (
+            Seq,
+            std::thread::JoinHandle<ferry_engine::Result<ferry_engine::Digest>>,
+        ),
+        EngineError,
+    > {
+        let this = Arc::clone(self);
+        // The mark is registered while writes are held off, so a sender can
+        // never pass the sequence without seeing it.
+        self.store.spawn_digest(move |seq| this.add_mark(seq))
+    }
+
+    fn add_mark(&self, seq: Seq) {
+        let mut m = self.marks.lock();
+        m.insert(seq);
+        while m.len() > 64 {
+            let first = *m.iter().next().unwrap_or(&seq);
+            m.remove(&first);
+        }
+        drop(m);
+        self.marks_tx.send_modify(|g| *g += 1);
+    }
+
+    fn next_mark_after(&self, pos: Seq) -> Option<Seq> {
+        self.marks.lock().range(pos + 1..).next().copied()
+    }
+
+    fn has_mark(&self, seq: Seq) -> bool {
+        self.marks.lock().contains(&seq)
+    }
+
+    async fn serve(
+        self: Arc<Self>,
+        peer: Peer,
+        after: Seq,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) {
+        let latest = self.store.latest_seq();
+        if after > latest {
+            let msg = format!("the follower is at sequence {after}, ahead of this leader at {latest}: they diverged");
+            tracing::error!(node = %peer.node_id, "{msg}");
+            return send_error(&mut send, ErrorCode::Protocol, msg).await;
+        }
+        let st = Arc::new(FollowerState {
+            node_id: peer.node_id.clone(),
+            addr: peer.addr,
+            inner: Mutex::new(Tracking {
+                state: "catching-up",
+                sent: after,
+                acked: after,
+                bytes_sent: 0,
+                unacked: VecDeque::new(),
+                since: Instant::now(),
+            }),
+        });
+        self.followers
+            .lock()
+            .insert(peer.node_id.clone(), Arc::clone(&st));
+        tracing::info!(node = %peer.node_id, after, leader_seq = latest, "follower subscribed");
+        let acks = tokio::spawn(read_acks(recv, Arc::clone(&st)));
+        let end = self.stream(&st, after, &mut send).await;
+        match end {
+            Err(StreamEnd::Engine(EngineError::WalPurged {
+                requested,
+                oldest_available,
+            })) => {
+                tracing::warn!(node = %peer.node_id, requested, oldest_available, "WAL purged past the follower; it must re-seed");
+                let msg = format!(
+                    "the WAL no longer holds sequence {} (oldest is {oldest_available})",
+                    requested + 1
+                );
+                send_error(&mut send, ErrorCode::WalPurged, msg).await;
+            }
+            Err(StreamEnd::Engine(e)) => {
+                tracing::error!(node = %peer.node_id, error = %e, "replication failed");
+                send_error(&mut send, ErrorCode::Internal, e.to_string()).await;
+            }
+            Err(e) => tracing::info!(node = %peer.node_id, reason = %e, "follower stream ended"),
+            Ok(()) => {}
+        }
+        acks.abort();
+        st.set_state("disconnected");
+    }
+
+    async fn stream(
+        &self,
+        st: &FollowerState,
+        mut pos: Seq,
+        send: &mut SendStream,
+    ) -> Result<(), StreamEnd> {
+        let feed = self.store.feed();
+        let mut news = feed.subscribe();
+        let mut marks = self.marks_tx.subscribe();
+        let mut live = false;
+        // The last mark sent, so an idle stream sends each mark once.
+        let mut marked: Option<Seq> = None;
+        loop {
+            match feed.read_after(pos, 4096) {
+                Ok(batches) if !batches.is_empty() => {
+                    if !live {
+                        live = true;
+                        st.set_state("live");
+                        self.heartbeat(send, true).await?;
+                    }
+                    pos = self
+                        .send_batches(
+                            st,
+                            send,
+                            batches.iter().map(|b| (**b).clone()),
+                            pos,
+                            &mut marked,
+                        )
+                        .await?;
+                }
+                Ok(_) => {
+                    if !live {
+                        live = true;
+                        st.set_state("live");
+                        self.heartbeat(send, true).await?;
+                    }
+                    if self.has_mark(pos) && marked != Some(pos) {
+                        write_frame(send, &Frame::Mark { seq: pos }).await?;
+                        marked = Some(pos);
+                    }
+                    tokio::select! {
+                        r = news.changed() => if r.is_err() { return Ok(()) },
+                        r = marks.changed() => if r.is_err() { return Ok(()) },
+                        _ = tokio::time::sleep(self.opts.heartbeat) => self.heartbeat(send, true).await?,
+                    }
+                }
+                Err(_behind) => {
+                    if live {
+                        live = false;
+                        st.set_state("catching-up");
+                        self.heartbeat(send, false).await?;
+                    }
+                    pos = self.catch_up_from_wal(st, send, pos, &mut marked).await?;
+                }
+            }
+        }
+    }
+
+    async fn heartbeat(&self, send: &mut SendStream, live: bool) -> Result<(), StreamEnd> {
+        write_frame(
+            send,
+            &Frame::Heartbeat {
+                leader_seq: self.store.latest_seq(),
+                live,
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Reads the WAL after `pos` on a blocking thread and sends it.
+    async fn catch_up_from_wal(
+        &self,
+        st: &FollowerState,
+        send: &mut SendStream,
+        pos: Seq,
+        marked: &mut Option<Seq>,
+    ) -> Result<Seq, StreamEnd> {
+        let (tx, mut rx) = mpsc::channel::<Result<Vec<RawBatch>, EngineError>>(8);
+        let store = self.store.clone();
+        let max = self.opts.max_frame_bytes;
+        let reader = tokio::task::spawn_blocking(move || {
+            let iter = match store.wal_since(pos) {
+                Ok(it) => it,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            let (mut group, mut bytes) = (Vec::new(), 0);
+            for b in iter {
+                match b {
+                    Ok(b) => {
+                        bytes += b.data().len();
+                        group.push(b);
+                        if bytes >= max || group.len() >= 4096 {
+                            if tx.blocking_send(Ok(std::mem::take(&mut group))).is_err() {
+                                return;
+                            }
+                            bytes = 0;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if !group.is_empty() {
+                let _ = tx.blocking_send(Ok(group));
+            }
+        });
+        let mut at = pos;
+        while let Some(group) = rx.recv().await {
+            at = self
+                .send_batches(st, send, group?.into_iter(), at, marked)
+                .await?;
+        }
+        let _ = reader.await;
+        Ok(at)
+    }
+
+    /// Sends consecutive batches after `pos` in frames of bounded size,
+    /// splitting at marks; returns the new position.
+    async fn send_batches(
+        &self,
+        st: &FollowerState,
+        send: &mut SendStream,
+        batches: impl Iterator<Item = RawBatch>,
+        mut pos: Seq,
+        marked: &mut Option<Seq>,
+    ) -> Result<Seq, StreamEnd> {
+        let mut frame: Vec<(Seq, u32, Bytes)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut mark = self.next_mark_after(pos);
+        for b in batches {
+            if b.first() != pos + 1 {
+                // Both sources are contiguous; this would be a bug, never a skip.
+                return Err(EngineError::WalGap {
+                    expected: pos + 1,
+                    found: b.first(),
+                }
+                .into());
+            }
+            pos = b.last();
+            bytes += b.data().len();
+            frame.push((b.first(), b.count(), b.data().clone()));
+            let at_mark = mark == Some(pos);
+            if bytes >= self.opts.max_frame_bytes || at_mark {
+                self.flush(st, send, &mut frame, pos, bytes).await?;
+                bytes = 0;
+                if at_mark {
+                    write_frame(send, &Frame::Mark { seq: pos }).await?;
+                    *marked = Some(pos);
+                }
+                mark = self.next_mark_after(pos);
+            }
+        }
+        if !frame.is_empty() {
+            self.flush(st, send, &mut frame, pos, bytes).await?;
+        }
+        Ok(pos)
+    }
+
+    async fn flush(
+        &self,
+        st: &FollowerState,
+        send: &mut SendStream,
+        frame: &mut Vec<(Seq, u32, Bytes)>,
+        last: Seq,
+        bytes: usize,
+    ) -> Result<(), StreamEnd> {
+        if frame.is_empty() {
+            return Ok(());
+        }
+        write_frame(
+            send,
+            &Frame::Batches {
+                batches: std::mem::take(frame),
+            },
+        )
+        .await?;
+        st.sent(last, bytes as u64);
+        Ok(())
+    }
+}
+
+async fn read_acks(mut recv: RecvStream, st: Arc<FollowerState>) -> Result<(), StreamEnd> {
+    loop {
+        match read_frame(&mut recv).await? {
+            Some(Frame::Applied { seq }) => st.acked(seq),
+            Some(_) => {}
+            None => return Err(StreamEnd::Gone),
+        }
+    }
+}
+
+impl StreamHandler for Replication {
+    fn handle(
+        self: Arc<Self>,
+        peer: Peer,
+        first: Frame,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let this = self;
+        Box::pin(async move {
+            match first {
+                Frame::Subscribe { after } => this.serve(peer, after, send, recv).await,
+                other => {
+                    send_error(
+                        &mut send,
+                        ErrorCode::Protocol,
+                        format!("unexpected {}", other.name()),
+                    )
+                    .await
+                }
+            }
+        })
+    }
+}
