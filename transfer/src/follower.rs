@@ -235,17 +235,29 @@ async fn stream_once(
         s.applied_seq = after;
         s.leader_seq = s.leader_seq.max(client.latest_seq);
     });
-    let mut acked = after;
-    let mut last_ack = Instant::now();
+    // Acknowledgements run beside the apply loop: an fsync never delays
+    // applying the next batch.
+    let mut acker = AbortOnDrop(tokio::spawn(ack_loop(
+        store.clone(),
+        send,
+        after,
+        cfg.ack_interval,
+        Arc::clone(status),
+    )));
     loop {
         let frame = tokio::select! {
             f = read_frame(&mut recv) => f?,
-            _ = tokio::time::sleep(cfg.ack_interval) => {
-                ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
-                continue;
+            r = &mut acker.0 => {
+                return match r {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(WireError::FinishedEarly(0).into()),
+                };
             }
             _ = shutdown.changed() => {
-                let _ = ack(store, &mut send, &mut acked, &mut last_ack, status).await;
+                let applied = store.latest_seq();
+                let s2 = store.clone();
+                let _ = tokio::task::spawn_blocking(move || s2.sync_wal()).await;
+                tracing::info!(applied, "replication stopped for shutdown");
                 return Err(StreamError::Shutdown);
             }
         };
@@ -275,16 +287,12 @@ async fn stream_once(
                     s.batches_applied += n;
                     s.leader_seq = s.leader_seq.max(applied);
                 });
-                if last_ack.elapsed() >= cfg.ack_interval {
-                    ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
-                }
             }
             Some(Frame::Heartbeat { leader_seq, live }) => {
                 status.update(|s| {
                     s.leader_seq = s.leader_seq.max(leader_seq);
                     s.state = if live { "live" } else { "catching-up" };
                 });
-                ack(store, &mut send, &mut acked, &mut last_ack, status).await?;
             }
             Some(Frame::Mark { seq }) => status.start_digest(store, seq),
             Some(Frame::Error { code, message }) => {
@@ -302,33 +310,46 @@ async fn stream_once(
     }
 }
 
-/// Makes applied batches durable and acknowledges them.
-async fn ack(
-    store: &Store,
-    send: &mut quinn::SendStream,
-    acked: &mut Seq,
-    last_ack: &mut Instant,
-    status: &ReplicaStatus,
-) -> Result<(), StreamError> {
-    *last_ack = Instant::now();
-    let applied = store.latest_seq();
-    if applied == *acked {
-        return Ok(());
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    let s2 = store.clone();
-    tokio::task::spawn_blocking(move || s2.sync_wal())
-        .await
-        .map_err(|e| {
-            StreamError::Apply(EngineError::Malformed {
-                what: "sync task",
-                reason: e.to_string(),
-            })
-        })?
-        .map_err(StreamError::Apply)?;
-    write_frame(send, &Frame::Applied { seq: applied }).await?;
-    *acked = applied;
-    status.update(|s| s.acked_seq = applied);
-    Ok(())
+}
+
+/// Every `interval`, makes applied batches durable (fsync of the WAL) and
+/// acknowledges them to the leader.
+async fn ack_loop(
+    store: Store,
+    mut send: quinn::SendStream,
+    mut acked: Seq,
+    interval: Duration,
+    status: Arc<ReplicaStatus>,
+) -> Result<(), StreamError> {
+    let mut news = store.feed().subscribe();
+    loop {
+        let _ = tokio::time::timeout(Duration::from_millis(500), news.changed()).await;
+        tokio::time::sleep(interval).await;
+        let applied = store.latest_seq();
+        if applied == acked {
+            continue;
+        }
+        let s2 = store.clone();
+        tokio::task::spawn_blocking(move || s2.sync_wal())
+            .await
+            .map_err(|e| {
+                StreamError::Apply(EngineError::Malformed {
+                    what: "sync task",
+                    reason: e.to_string(),
+                })
+            })?
+            .map_err(StreamError::Apply)?;
+        write_frame(&mut send, &Frame::Applied { seq: applied }).await?;
+        acked = applied;
+        status.update(|s| s.acked_seq = applied);
+    }
 }
 
 /// Asks the leader to sign a certificate for this node (enrollment), over

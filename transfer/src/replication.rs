@@ -37,7 +37,7 @@ pub struct ReplicationOptions {
 impl Default for ReplicationOptions {
     fn default() -> Self {
         Self {
-            max_frame_bytes: 1 << 20,
+            max_frame_bytes: 4 << 20,
             heartbeat: Duration::from_millis(250),
         }
     }
@@ -275,7 +275,7 @@ impl Replication {
         // The last mark sent, so an idle stream sends each mark once.
         let mut marked: Option<Seq> = None;
         loop {
-            match feed.read_after(pos, 4096) {
+            match feed.read_after(pos, 16_384) {
                 Ok(batches) if !batches.is_empty() => {
                     if !live {
                         live = true;
@@ -357,7 +357,7 @@ impl Replication {
                     Ok(b) => {
                         bytes += b.data().len();
                         group.push(b);
-                        if bytes >= max || group.len() >= 4096 {
+                        if bytes >= max || group.len() >= 16_384 {
                             if tx.blocking_send(Ok(std::mem::take(&mut group))).is_err() {
                                 return;
                             }

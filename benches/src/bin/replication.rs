@@ -26,6 +26,10 @@ struct Leader {
 }
 
 fn leader(rt: &tokio::runtime::Runtime) -> Leader {
+    leader_with(rt, None)
+}
+
+fn leader_with(rt: &tokio::runtime::Runtime, max_rate: Option<u64>) -> Leader {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), StoreOptions::default()).expect("open");
     let (auth, token) =
@@ -38,7 +42,14 @@ fn leader(rt: &tokio::runtime::Runtime) -> Leader {
     )
     .expect("endpoint");
     let addr = ep.local_addr().expect("addr");
-    let server = Server::new(store.clone(), auth, ServeOptions::default());
+    let server = Server::new(
+        store.clone(),
+        auth,
+        ServeOptions {
+            max_rate,
+            ..ServeOptions::default()
+        },
+    );
     server.set_stream_handler(Replication::new(
         store.clone(),
         ReplicationOptions::default(),
@@ -143,7 +154,14 @@ fn main() {
     let start = Instant::now();
     let mut commits = Vec::with_capacity((rate * secs) as usize);
     for n in 0..rate * secs {
+        // Sleep until the write is due (spinning only for the last 200 µs),
+        // so the load generator does not take a core from the system under test.
         let due = start + Duration::from_secs_f64(n as f64 / rate as f64);
+        if let Some(w) = due.checked_duration_since(Instant::now()) {
+            if w > Duration::from_micros(200) {
+                std::thread::sleep(w - Duration::from_micros(200));
+            }
+        }
         while Instant::now() < due {
             std::hint::spin_loop();
         }
@@ -210,15 +228,22 @@ fn main() {
     );
     let _ = tx.send(true);
 
-    // 3. Leader write throughput while a follower seeds.
-    let l = leader(&rt);
-    let value: Vec<u8> = (0..4000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    // 3. Leader write throughput while a follower seeds, without and with
+    //    a bandwidth limit.
+    seed_interference(&rt, seed_mb, None);
+    seed_interference(&rt, seed_mb, Some(100_000_000));
+}
+
+fn seed_interference(rt: &tokio::runtime::Runtime, seed_mb: u64, max_rate: Option<u64>) {
+    let l = leader_with(rt, max_rate);
     let mut b = Batch::new();
     for i in 0..seed_mb * 256 {
-        let mut v = value.clone();
-        v[..8].copy_from_slice(&i.to_le_bytes());
+        // Incompressible values, so the dataset has its full size on disk.
+        let mut v = vec![0u8; 4000];
+        blake3::Hasher::new()
+            .update(&i.to_le_bytes())
+            .finalize_xof()
+            .fill(&mut v);
         b.put(format!("bulk-{i:010}"), v);
         if b.len() == 1000 {
             l.store.write(&b).expect("write");
@@ -239,7 +264,8 @@ fn main() {
             r
         })
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Measure while chunks flow (after the checkpoint and manifest).
+    std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
     let mut n = 0u64;
     while seeding.load(Ordering::SeqCst) && t.elapsed() < Duration::from_secs(60) {
@@ -254,7 +280,9 @@ fn main() {
     let busy = n as f64 / t.elapsed().as_secs_f64();
     let report = rt.block_on(seed).expect("join").expect("seed");
     println!(
-        "leader writes: {quiet:.0}/s alone, {busy:.0}/s while a follower seeded {} MB at {:.0} MB/s ({:.0}%)",
+        "leader writes ({}): {quiet:.0}/s alone, {busy:.0}/s over {:.1}s while a follower seeded {} MB at {:.0} MB/s ({:.0}%)",
+        max_rate.map_or("no rate limit".to_owned(), |r| format!("--max-rate {}M", r / 1_000_000)),
+        t.elapsed().as_secs_f64(),
         report.bytes_total / 1_000_000,
         report.bytes_fetched as f64 / report.elapsed_secs / 1e6,
         busy / quiet * 100.0
