@@ -257,20 +257,8 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
     let replication = Replication::new(store.clone(), ReplicationOptions::default());
     let _ = node.replication.set(Arc::clone(&replication));
     *node.store.write() = Some(store.clone());
-    let endpoint =
-        ferry_transfer::endpoint::server_endpoint(cfg.listen, &auth, &TransportOptions::default())
-            .with_context(|| format!("listen for QUIC on {}", cfg.listen))?;
-    *node.quic_addr.write() = Some(endpoint.local_addr()?);
-    let server = Server::new(
-        store.clone(),
-        auth,
-        ServeOptions {
-            node_id: cfg.node_id.clone(),
-            ..cfg.serve.clone()
-        },
-    );
+    let (endpoint, server) = serve_quic(&node, &store, auth)?;
     server.set_stream_handler(replication);
-    *node.server.write() = Some(Arc::clone(&server));
     tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
     tokio::spawn(close_on_shutdown(endpoint, node.shutdown_requested()));
     node.set_state(NodeState::Leader, None);
@@ -284,6 +272,30 @@ async fn close_on_shutdown(
 ) {
     let _ = shutdown.wait_for(|s| *s).await;
     endpoint.close(0u32.into(), b"shutdown");
+}
+
+/// Binds the node's QUIC endpoint and creates its server (seeds, and
+/// replication on a leader); the caller runs it.
+fn serve_quic(
+    node: &Node,
+    store: &Store,
+    auth: NodeAuth,
+) -> Result<(ferry_transfer::quinn::Endpoint, Arc<Server>)> {
+    let cfg = &node.cfg;
+    let endpoint =
+        ferry_transfer::endpoint::server_endpoint(cfg.listen, &auth, &TransportOptions::default())
+            .with_context(|| format!("listen for QUIC on {}", cfg.listen))?;
+    *node.quic_addr.write() = Some(endpoint.local_addr()?);
+    let server = Server::new(
+        store.clone(),
+        auth,
+        ServeOptions {
+            node_id: cfg.node_id.clone(),
+            ..cfg.serve.clone()
+        },
+    );
+    *node.server.write() = Some(Arc::clone(&server));
+    Ok((endpoint, server))
 }
 
 /// How a follower authenticates to the leader.
@@ -410,22 +422,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             Some((ca, cert, key)) => NodeAuth::from_files(ca, cert, key)?,
             None => NodeAuth::load_dir(&tls_dir(&cfg.data))?.context("no node identity")?,
         };
-        let endpoint = ferry_transfer::endpoint::server_endpoint(
-            cfg.listen,
-            &auth,
-            &TransportOptions::default(),
-        )
-        .with_context(|| format!("listen for QUIC on {}", cfg.listen))?;
-        *node.quic_addr.write() = Some(endpoint.local_addr()?);
-        let server = Server::new(
-            store.clone(),
-            auth,
-            ServeOptions {
-                node_id: cfg.node_id.clone(),
-                ..cfg.serve.clone()
-            },
-        );
-        *node.server.write() = Some(Arc::clone(&server));
+        let (endpoint, server) = serve_quic(&node, &store, auth)?;
         let serving = tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
 
         // 4. Catch up and follow, publishing the replica's state.

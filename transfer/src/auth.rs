@@ -198,29 +198,45 @@ impl ClusterCa {
 
     /// Issues a certificate for a node, valid as server and client.
     pub fn issue(&self, node_name: &str) -> Result<CertKey, AuthError> {
-        let ca_key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
-        let ca = rcgen::CertificateParams::from_ca_cert_pem(&self.cert_pem)
-            .map_err(cert_err)?
-            .self_signed(&ca_key)
-            .map_err(cert_err)?;
+        let (ca, ca_key) = issuer(&self.cert_pem, &self.key_pem)?;
         let key = rcgen::KeyPair::generate().map_err(cert_err)?;
-        let mut params =
-            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])
-                .map_err(cert_err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, node_name);
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let params = node_cert_params(node_name)?;
         let cert = params.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
         Ok(CertKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
     }
+}
+
+/// The CA as an rcgen issuer, from its certificate and key.
+fn issuer(
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<(rcgen::Certificate, rcgen::KeyPair), AuthError> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(cert_err)?;
+    let cert = rcgen::CertificateParams::from_ca_cert_pem(cert_pem)
+        .map_err(cert_err)?
+        .self_signed(&key)
+        .map_err(cert_err)?;
+    Ok((cert, key))
+}
+
+/// What every node certificate says: the name `ferry` (and `localhost`),
+/// server and client use, the node's name as common name.
+fn node_cert_params(node_name: &str) -> Result<rcgen::CertificateParams, AuthError> {
+    let mut params =
+        rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])
+            .map_err(cert_err)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, node_name);
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    Ok(params)
 }
 
 fn cert_err(e: impl fmt::Display) -> AuthError {
@@ -352,24 +368,10 @@ impl NodeAuth {
             .ca_key
             .as_ref()
             .ok_or_else(|| AuthError::Cert("this node holds no CA key".into()))?;
-        let ca_key = rcgen::KeyPair::from_pem(ca_key_pem).map_err(cert_err)?;
-        let ca = rcgen::CertificateParams::from_ca_cert_pem(&self.ca_pem())
-            .map_err(cert_err)?
-            .self_signed(&ca_key)
-            .map_err(cert_err)?;
+        let (ca, ca_key) = issuer(&self.ca_pem(), ca_key_pem)?;
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
-        let mut params =
-            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])
-                .map_err(cert_err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, node_name);
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        let params = node_cert_params(node_name)?;
         csr.params = params;
         Ok(csr.signed_by(&ca, &ca_key).map_err(cert_err)?.pem())
     }
