@@ -29,8 +29,11 @@ pub struct TransportOptions {
     pub keep_alive: Duration,
     pub idle_timeout: Duration,
     /// The largest UDP payload this endpoint accepts and MTU discovery may
-    /// probe up to. Loopback and jumbo-frame networks carry far more than
-    /// quinn's 1472-byte default; on a 1500-byte path discovery stops at 1472.
+    /// probe up to. Discovery stops at the path's real MTU (1472 on a
+    /// 1500-byte Ethernet path); loopback and jumbo frames carry more.
+    /// quinn hands up to 10 datagrams to one segmentation-offload (GSO) send,
+    /// and the kernel refuses a GSO send over 64 KiB, so above about 6.5 KB
+    /// whole batches would be dropped: 6400 is the most that is safe.
     pub max_udp_payload: u16,
 }
 
@@ -46,7 +49,7 @@ impl Default for TransportOptions {
             max_udp_payload: std::env::var("FERRY_MAX_UDP_PAYLOAD")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(1472),
+                .unwrap_or(6400),
         }
     }
 }
@@ -66,11 +69,10 @@ impl TransportOptions {
         ));
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
-        // A short loss burst on a busy receiver makes quinn fall back to the
-        // minimum MTU; probe again soon rather than after ten minutes.
+        // A loss burst on a busy receiver makes quinn fall back to the
+        // minimum MTU; probe again after seconds rather than ten minutes.
         mtu.interval(Duration::from_secs(30));
         mtu.black_hole_cooldown(Duration::from_secs(10));
-
         t.mtu_discovery_config(Some(mtu));
         t
     }
