@@ -150,6 +150,13 @@ struct ServeArgs {
     /// Upper bound on seed bandwidth, bytes per second (suffixes K, M, G).
     #[arg(long, env = "FERRY_MAX_RATE", value_parser = util::parse_size)]
     max_rate: Option<u64>,
+    /// Seed bandwidth while this node is taking writes, so that seeds yield
+    /// to the foreground load; an idle node seeds at full speed.
+    #[arg(long, env = "FERRY_BUSY_MAX_RATE", value_parser = util::parse_size, default_value = "100M")]
+    busy_max_rate: u64,
+    /// Never slow seeds down for the foreground load.
+    #[arg(long, env = "FERRY_NO_BUSY_LIMIT")]
+    no_busy_limit: bool,
     /// Chunk compression: auto compresses files that shrink well (WAL,
     /// MANIFEST, uncompressed SSTs) and sends block-compressed SSTs as is.
     #[arg(long, env = "FERRY_COMPRESSION", value_enum, default_value_t = CompressionArg::Auto)]
@@ -370,6 +377,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         serve: ServeOptions {
             node_id,
             max_rate: args.max_rate,
+            busy_max_rate: (!args.no_busy_limit).then_some(args.busy_max_rate),
             compression,
             ..ServeOptions::default()
         },

@@ -627,3 +627,27 @@ async fn concurrent_seeds_share_one_checkpoint_which_is_deleted_after_use() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_written_by_db_bench_seeds_a_follower_with_its_sequence_and_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    ferry_tests::db_bench_fill(dir.path(), 50_000);
+    let store = Store::open(dir.path(), opts()).unwrap();
+    let leader = TestLeader::start_on(dir, store, ServeOptions::default(), None);
+    let target = tempfile::tempdir().unwrap();
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    assert_eq!(report.seq, 50_000);
+    let seeded = Store::open_read_only(target.path()).unwrap();
+    assert_eq!(seeded.latest_seq(), report.seq);
+    let digest = seeded.digest().unwrap();
+    assert_eq!(digest, leader.checkpoint_digest(report.seq));
+    assert_eq!(
+        digest,
+        leader.store.digest().unwrap(),
+        "nothing was written since"
+    );
+    // fillrandom draws keys with replacement: about 1 - 1/e of them are distinct.
+    assert!(digest.keys > 25_000, "{digest:?}");
+}

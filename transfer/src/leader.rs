@@ -59,6 +59,10 @@ pub struct ServeOptions {
     pub node_id: String,
     /// Upper bound on chunk bytes sent per second, across all seeds.
     pub max_rate: Option<u64>,
+    /// A lower bound that applies only while the store is taking writes
+    /// (its sequence moved in the last half second), so that seeds yield to
+    /// the foreground load; an idle node seeds at full speed.
+    pub busy_max_rate: Option<u64>,
     pub compression: Compression,
     /// How long an unused checkpoint is kept for a seed that reconnects.
     pub checkpoint_grace: Duration,
@@ -74,6 +78,7 @@ impl Default for ServeOptions {
         Self {
             node_id: "leader".into(),
             max_rate: None,
+            busy_max_rate: Some(100 << 20),
             compression: Compression::default(),
             checkpoint_grace: Duration::from_secs(60),
             checkpoint_reuse: Duration::from_secs(600),
@@ -153,6 +158,9 @@ pub struct Server {
     opts: ServeOptions,
     registry: Registry,
     limiter: Option<RateLimiter>,
+    busy_limiter: Option<RateLimiter>,
+    /// The store's sequence when last seen, and when it last moved.
+    activity: Mutex<(u64, Instant)>,
     pub stats: ServerStats,
     streams: Mutex<Option<Arc<dyn StreamHandler>>>,
 }
@@ -170,7 +178,14 @@ impl Server {
         opts: ServeOptions,
     ) -> Arc<Self> {
         let limiter = opts.max_rate.map(RateLimiter::new);
+        let busy_limiter = opts.busy_max_rate.map(RateLimiter::new);
+        let idle_since = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
+        let activity = Mutex::new((store.latest_seq(), idle_since));
         Arc::new(Self {
+            busy_limiter,
+            activity,
             registry: Registry::new(source),
             store,
             auth,
@@ -179,6 +194,16 @@ impl Server {
             stats: ServerStats::default(),
             streams: Mutex::new(None),
         })
+    }
+
+    /// Whether the store's sequence moved in the last half second.
+    fn taking_writes(&self) -> bool {
+        let seq = self.store.latest_seq();
+        let mut a = self.activity.lock();
+        if seq != a.0 {
+            *a = (seq, Instant::now());
+        }
+        a.1.elapsed() < Duration::from_millis(500)
     }
 
     /// Installs the handler for replication streams.
@@ -495,6 +520,9 @@ impl Server {
             data = Bytes::from(v);
         }
         if let Some(l) = &self.limiter {
+            l.acquire(data.len() as u64).await;
+        }
+        if let (Some(l), true) = (&self.busy_limiter, self.taking_writes()) {
             l.acquire(data.len() as u64).await;
         }
         self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);

@@ -275,6 +275,12 @@ impl Replication {
         // The last mark sent, so an idle stream sends each mark once.
         let mut marked: Option<Seq> = None;
         loop {
+            // A mark at the current position goes out before any later
+            // batch (send_batches only looks at marks after `pos`).
+            if self.has_mark(pos) && marked != Some(pos) {
+                write_frame(send, &Frame::Mark { seq: pos }).await?;
+                marked = Some(pos);
+            }
             match feed.read_after(pos, 16_384) {
                 Ok(batches) if !batches.is_empty() => {
                     if !live {

@@ -26,10 +26,10 @@ struct Leader {
 }
 
 fn leader(rt: &tokio::runtime::Runtime) -> Leader {
-    leader_with(rt, None)
+    leader_with(rt, ServeOptions::default())
 }
 
-fn leader_with(rt: &tokio::runtime::Runtime, max_rate: Option<u64>) -> Leader {
+fn leader_with(rt: &tokio::runtime::Runtime, serve: ServeOptions) -> Leader {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(dir.path(), StoreOptions::default()).expect("open");
     let (auth, token) =
@@ -42,14 +42,7 @@ fn leader_with(rt: &tokio::runtime::Runtime, max_rate: Option<u64>) -> Leader {
     )
     .expect("endpoint");
     let addr = ep.local_addr().expect("addr");
-    let server = Server::new(
-        store.clone(),
-        auth,
-        ServeOptions {
-            max_rate,
-            ..ServeOptions::default()
-        },
-    );
+    let server = Server::new(store.clone(), auth, serve);
     server.set_stream_handler(Replication::new(
         store.clone(),
         ReplicationOptions::default(),
@@ -230,12 +223,21 @@ fn main() {
 
     // 3. Leader write throughput while a follower seeds, without and with
     //    a bandwidth limit.
-    seed_interference(&rt, seed_mb, None);
-    seed_interference(&rt, seed_mb, Some(100_000_000));
+    seed_interference(
+        &rt,
+        seed_mb,
+        "default: seeds capped at 100 MiB/s while writes go on",
+        ServeOptions::default(),
+    );
+    let unlimited = ServeOptions {
+        busy_max_rate: None,
+        ..ServeOptions::default()
+    };
+    seed_interference(&rt, seed_mb, "--no-busy-limit", unlimited);
 }
 
-fn seed_interference(rt: &tokio::runtime::Runtime, seed_mb: u64, max_rate: Option<u64>) {
-    let l = leader_with(rt, max_rate);
+fn seed_interference(rt: &tokio::runtime::Runtime, seed_mb: u64, label: &str, serve: ServeOptions) {
+    let l = leader_with(rt, serve);
     let mut b = Batch::new();
     for i in 0..seed_mb * 256 {
         // Incompressible values, so the dataset has its full size on disk.
@@ -281,7 +283,7 @@ fn seed_interference(rt: &tokio::runtime::Runtime, seed_mb: u64, max_rate: Optio
     let report = rt.block_on(seed).expect("join").expect("seed");
     println!(
         "leader writes ({}): {quiet:.0}/s alone, {busy:.0}/s over {:.1}s while a follower seeded {} MB at {:.0} MB/s ({:.0}%)",
-        max_rate.map_or("no rate limit".to_owned(), |r| format!("--max-rate {}M", r / 1_000_000)),
+        label,
         t.elapsed().as_secs_f64(),
         report.bytes_total / 1_000_000,
         report.bytes_fetched as f64 / report.elapsed_secs / 1e6,
