@@ -248,7 +248,7 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Seed(args) => runtime()?.block_on(seed(args)),
         Command::Token { data } => {
-            let (_, token) = NodeAuth::load_or_init(&tls_dir(&data), "leader")?;
+            let (_, token) = NodeAuth::load_or_init(&node::tls_dir(&data), "leader")?;
             println!("{token}");
             Ok(0)
         }
@@ -274,10 +274,6 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("start the async runtime")
-}
-
-fn tls_dir(data: &Path) -> PathBuf {
-    ferry_engine::ferry_dir(data).join("tls")
 }
 
 fn checkpoint(data: &Path, json: bool) -> Result<i32> {

@@ -255,8 +255,7 @@ async fn stream_once(
             }
             _ = shutdown.changed() => {
                 let applied = store.latest_seq();
-                let s2 = store.clone();
-                let _ = tokio::task::spawn_blocking(move || s2.sync_wal()).await;
+                let _ = on_store(store, |s| s.sync_wal()).await;
                 tracing::info!(applied, "replication stopped for shutdown");
                 return Err(StreamError::Shutdown);
             }
@@ -271,16 +270,7 @@ async fn stream_once(
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(StreamError::BadBatch)?;
                 let n = parsed.len() as u64;
-                let s2 = store.clone();
-                tokio::task::spawn_blocking(move || s2.apply_many(&parsed))
-                    .await
-                    .map_err(|e| {
-                        StreamError::Apply(EngineError::Malformed {
-                            what: "apply task",
-                            reason: e.to_string(),
-                        })
-                    })?
-                    .map_err(StreamError::Apply)?;
+                on_store(store, move |s| s.apply_many(&parsed)).await?;
                 let applied = store.latest_seq();
                 status.update(|s| {
                     s.applied_seq = applied;
@@ -319,6 +309,23 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Runs blocking store work (apply, fsync) off the async threads.
+async fn on_store<T: Send + 'static>(
+    store: &Store,
+    f: impl FnOnce(&Store) -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, StreamError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(|e| {
+            StreamError::Apply(EngineError::Malformed {
+                what: "store task",
+                reason: e.to_string(),
+            })
+        })?
+        .map_err(StreamError::Apply)
+}
+
 /// Every `interval`, makes applied batches durable (fsync of the WAL) and
 /// acknowledges them to the leader.
 async fn ack_loop(
@@ -336,16 +343,7 @@ async fn ack_loop(
         if applied == acked {
             continue;
         }
-        let s2 = store.clone();
-        tokio::task::spawn_blocking(move || s2.sync_wal())
-            .await
-            .map_err(|e| {
-                StreamError::Apply(EngineError::Malformed {
-                    what: "sync task",
-                    reason: e.to_string(),
-                })
-            })?
-            .map_err(StreamError::Apply)?;
+        on_store(&store, |s| s.sync_wal()).await?;
         write_frame(&mut send, &Frame::Applied { seq: applied }).await?;
         acked = applied;
         status.update(|s| s.acked_seq = applied);

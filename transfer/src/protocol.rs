@@ -605,7 +605,12 @@ fn get_str8(body: &mut Bytes, t: u8) -> Result<String, DecodeError> {
         });
     }
     let len = body.get_u8() as usize;
-    if len > MAX_NODE_ID || body.remaining() < len {
+    take_str(body, t, len, MAX_NODE_ID)
+}
+
+/// Takes a UTF-8 string of `len` bytes, at most `max`, from the body.
+fn take_str(body: &mut Bytes, t: u8, len: usize, max: usize) -> Result<String, DecodeError> {
+    if len > max || body.remaining() < len {
         return Err(DecodeError::Malformed {
             ty: t,
             reason: "bad string length",
@@ -634,16 +639,7 @@ fn get_str16(body: &mut Bytes, t: u8) -> Result<String, DecodeError> {
         });
     }
     let len = body.get_u16_le() as usize;
-    if len > MAX_PEM || body.remaining() < len {
-        return Err(DecodeError::Malformed {
-            ty: t,
-            reason: "bad string length",
-        });
-    }
-    String::from_utf8(body.split_to(len).to_vec()).map_err(|_| DecodeError::Malformed {
-        ty: t,
-        reason: "string is not utf-8",
-    })
+    take_str(body, t, len, MAX_PEM)
 }
 
 fn truncate(s: &str, max: usize) -> &str {

@@ -304,10 +304,6 @@ impl Replication {
                         st.set_state("live");
                         self.heartbeat(send, true).await?;
                     }
-                    if self.has_mark(pos) && marked != Some(pos) {
-                        write_frame(send, &Frame::Mark { seq: pos }).await?;
-                        marked = Some(pos);
-                    }
                     tokio::select! {
                         r = news.changed() => if r.is_err() { return Ok(()) },
                         r = marks.changed() => if r.is_err() { return Ok(()) },
