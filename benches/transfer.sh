@@ -5,20 +5,26 @@
 #   benches/transfer.sh [RUNS]
 #
 # Environment:
-#   FERRY_BENCH_DATA  dataset directory (default /tmp/ferry-bench/dataset);
-#                     created with db_bench fillrandom when missing
-#   FERRY_BENCH_KEYS  keys for a new dataset (default 25000000: about 2.25 GB)
-#   FERRY_BENCH_OUT   where to write the markdown table (default: stdout only)
+#   FERRY_BENCH_DATA    dataset directory (default /tmp/ferry-bench/dataset-VALUES);
+#                       created when missing
+#   FERRY_BENCH_VALUES  dbbench (db_bench fillrandom, default) or realistic
+#                       (structured records, about 2x compressible)
+#   FERRY_BENCH_SIZE    size of a new dataset (default 2GiB)
+#   FERRY_BENCH_OUT     also write the markdown table to this file
 #
-# Every method copies the same directory into an empty target on the same
-# filesystem, with the source in the page cache. Times are wall-clock
-# medians of RUNS runs (default 3). The machine is shared and noisy: read
-# the ratios, not the absolute times.
+# Every method copies the same files into an empty target on the same
+# filesystem, with the source in the page cache. Methods are interleaved
+# (run 1 of every method, then run 2, ...), so a noisy neighbour hits all of
+# them alike; the table gives medians. Read the ratios, not the times.
+# CPU: "client" is the receiving side (the command's own processes),
+# "server" the rest of the machine during the run (the ferry leader, sshd
+# and rsync's sender, the rsync daemon, the tar side of nc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
-DATA=${FERRY_BENCH_DATA:-/tmp/ferry-bench/dataset}
-KEYS=${FERRY_BENCH_KEYS:-25000000}
+VALUES=${FERRY_BENCH_VALUES:-dbbench}
+DATA=${FERRY_BENCH_DATA:-/tmp/ferry-bench/dataset-$VALUES}
+SIZE=${FERRY_BENCH_SIZE:-2GiB}
 WORK=$(mktemp -d /tmp/ferry-bench-run.XXXXXX)
 FERRY_BENCH_TOOLS=1 scripts/setup
 cargo build --release --locked -p ferry >&2
@@ -28,16 +34,17 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 if [ ! -f "$DATA/CURRENT" ]; then
-  echo "generating the dataset: db_bench fillrandom, $KEYS keys, 200-byte values, LZ4" >&2
+  echo "generating the dataset: $SIZE of $VALUES values" >&2
   mkdir -p "$(dirname "$DATA")"
-  db_bench --benchmarks=fillrandom --num="$KEYS" --value_size=200 --compression_type=lz4 --threads=1 --db="$DATA" >/dev/null
+  "$FERRY" bench --prepare-only --workdir "$WORK/gen" --size "$SIZE" --values "$VALUES" >&2
+  mv "$WORK/gen/leader" "$DATA"
 fi
 
-# The leader adopts the dataset (ferry serve opens it; its checkpoint hard-links the SSTs).
 PORT_FERRY=7471 PORT_RSYNC=7472 PORT_NC=7473 PORT_SSH=7474
 "$FERRY" serve --data "$DATA" --listen 127.0.0.1:$PORT_FERRY --log warn &
-PIDS+=($!)
-sleep 2
+LEADER=$!
+PIDS+=($LEADER)
+for _ in $(seq 100); do [ -f "$DATA/.ferry/tls/join-token" ] && break; sleep 0.1; done
 TOKEN=$("$FERRY" token --data "$DATA")
 
 # RocksDB 10 compacts a db_bench (7.8) database when it first opens it: wait
@@ -51,11 +58,8 @@ for _ in $(seq 600); do
   sleep 1
 done
 
-# The source directory of the other tools, filled after the first seed.
 SRC=$WORK/src
 mkdir -p "$SRC"
-
-# rsync daemon
 cat > "$WORK/rsyncd.conf" <<CONF
 use chroot = no
 [data]
@@ -83,36 +87,9 @@ PIDS+=($!)
 sleep 1
 SSH="ssh -p $PORT_SSH -i $WORK/ssh/client -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 
-run() { # name command...
-  local name=$1; shift
-  local times=()
-  for i in $(seq "$RUNS"); do
-    rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
-    local t0 t1
-    t0=$(date +%s.%N)
-    "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { echo "$name failed:" >&2; cat "$WORK/last.err" >&2; exit 1; }
-    t1=$(date +%s.%N)
-    times+=("$(echo "$t1 - $t0" | bc)")
-    check_copy "$name"
-  done
-  local med
-  med=$(printf '%s\n' "${times[@]}" | sort -n | sed -n "$(( (RUNS + 1) / 2 ))p")
-  RESULTS+=("$name;$med;${times[*]}")
-  echo "$name: median ${med}s (runs: ${times[*]})" >&2
-}
-
-check_copy() { # the copy must hold every byte of the source
-  local got
-  got=$(du -sb --apparent-size --exclude=.ferry "$WORK/dst" | cut -f1)
-  if [ "$got" -lt "$BYTES" ]; then echo "$1 copied $got of $BYTES bytes" >&2; exit 1; fi
-}
-
 ferry_seed() {
   "$FERRY" seed --leader 127.0.0.1:$PORT_FERRY --data "$WORK/dst" --token "$TOKEN" --json --no-progress
-  # The seeded directory must open at the checkpoint's sequence.
-  "$FERRY" digest --data "$WORK/dst" --json >/dev/null
 }
-ferry_seed_only() { "$FERRY" seed --leader 127.0.0.1:$PORT_FERRY --data "$WORK/dst" --token "$TOKEN" --json --no-progress; }
 tar_nc() {
   (nc -l -d -p $PORT_NC | tar -x -C "$WORK/dst") &
   local r=$!
@@ -120,19 +97,55 @@ tar_nc() {
   tar -c -C "$SRC" . | nc -N 127.0.0.1 $PORT_NC
   wait $r
 }
+rsync_daemon() { rsync -a "rsync://127.0.0.1:$PORT_RSYNC/data/" "$WORK/dst/"; }
+rsync_ssh() { rsync -a -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
+rsync_ssh_z() { rsync -a -z -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
+cp_local() { cp -a "$SRC/." "$WORK/dst/"; }
 
-RESULTS=()
+# Busy CPU seconds of the whole machine (all cores), from /proc/stat.
+machine_cpu() { awk '/^cpu /{printf "%.2f", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
+# CPU seconds of this shell's finished children (user + system).
+children_cpu() { times | awk 'NR==2{split($1,u,"m");split($2,s,"m");printf "%.2f", u[1]*60+u[2]+s[1]*60+s[2]}'; }
+
+check_copy() { # the copy must hold every byte of the source
+  local got
+  got=$(du -sb --apparent-size --exclude=.ferry "$WORK/dst" | cut -f1)
+  if [ "$got" -lt "$BYTES" ]; then echo "$1 copied $got of $BYTES bytes" >&2; exit 1; fi
+}
+
+declare -A TIMES CLIENT SERVER
+timed() { # key command...
+  local key=$1; shift
+  rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
+  local t0 t1 m0 m1 c0 c1
+  m0=$(machine_cpu); c0=$(children_cpu); t0=$(date +%s.%N)
+  "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { echo "$key failed:" >&2; cat "$WORK/last.err" >&2; exit 1; }
+  t1=$(date +%s.%N); c1=$(children_cpu); m1=$(machine_cpu)
+  check_copy "$key"
+  local secs client total
+  secs=$(echo "$t1 - $t0" | bc)
+  client=$(echo "$c1 - $c0" | bc)
+  total=$(echo "$m1 - $m0" | bc)
+  TIMES[$key]+="$secs "
+  CLIENT[$key]+="$client "
+  SERVER[$key]+="$(echo "if ($total > $client) $total - $client else 0" | bc) "
+  if [ "$key" = ferry ]; then
+    grep -o '"peak_rss_bytes":[0-9]*' "$WORK/last.out" | cut -d: -f2 >> "$WORK/ferry-rss"
+  fi
+  printf '%-14s %6.2fs\n' "$key" "$secs" >&2
+}
+
 # One untimed seed first: the leader takes its seed checkpoint and hashes
 # every SST once (cached after). Later seeds reuse that checkpoint.
 rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"
-t0=$(date +%s.%N); ferry_seed_only > "$WORK/first.json"; t1=$(date +%s.%N)
+t0=$(date +%s.%N); ferry_seed > "$WORK/first.json"; t1=$(date +%s.%N)
 FIRST=$(echo "$t1 - $t0" | bc)
 echo "first ferry seed (leader hashes every SST): ${FIRST}s" >&2
+# The seeded directory opens at the checkpoint's sequence with its digest.
+"$FERRY" digest --data "$WORK/dst" --json > "$WORK/digest.json"
 
 # The other tools copy exactly the files ferry ships: the seed checkpoint's.
 CP=$(ls -d "$DATA"/.ferry/checkpoints/cp-*-seed | tail -n 1)
-SRC=$WORK/src
-mkdir -p "$SRC"
 for f in "$CP"/*; do
   [ -f "$f" ] || continue
   case "$(basename "$f")" in LOCK|LOG*) ;; *) ln "$f" "$SRC/" ;; esac
@@ -141,24 +154,43 @@ BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
 FILES=$(ls "$SRC" | wc -l)
 cat "$SRC"/* > /dev/null   # warm the page cache
 
-run "cp -a (local, no network)" cp -a "$SRC/." "$WORK/dst/"
-run "ferry seed" ferry_seed_only
-run "rsync daemon (plaintext TCP)" rsync -a "rsync://127.0.0.1:$PORT_RSYNC/data/" "$WORK/dst/"
-run "tar | nc (plaintext)" tar_nc
-run "rsync over ssh (aes128-gcm)" rsync -a -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"
-# The last ferry run is verified: the seeded directory opens at the checkpoint's sequence.
-rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; ferry_seed >/dev/null && echo "verified: the seeded directory opens and digests" >&2
+METHODS=(cp ferry rsync-daemon tar-nc rsync-ssh rsync-ssh-z)
+declare -A NAME=(
+  [cp]='cp -a (local, no network)'
+  [ferry]='ferry seed'
+  [rsync-daemon]='rsync daemon (plaintext TCP)'
+  [tar-nc]='tar \| nc (plaintext)'
+  [rsync-ssh]='rsync over ssh (aes128-gcm)'
+  [rsync-ssh-z]='rsync -z over ssh (aes128-gcm)'
+)
+declare -A CMD=(
+  [cp]=cp_local [ferry]=ferry_seed [rsync-daemon]=rsync_daemon
+  [tar-nc]=tar_nc [rsync-ssh]=rsync_ssh [rsync-ssh-z]=rsync_ssh_z
+)
+for i in $(seq "$RUNS"); do
+  echo "round $i of $RUNS" >&2
+  for m in "${METHODS[@]}"; do timed "$m" "${CMD[$m]}"; done
+done
 
-ssh_med=$(printf '%s\n' "${RESULTS[@]}" | grep '^rsync over ssh' | cut -d';' -f2)
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
+ssh_med=$(echo "${TIMES[rsync-ssh]}" | median)
+daemon_med=$(echo "${TIMES[rsync-daemon]}" | median)
+GB=$(echo "scale=4; $BYTES/1000000000" | bc)
 {
-  echo "Dataset: $FILES files, $BYTES bytes ($(echo "scale=2; $BYTES/1000000000" | bc) GB). Runs per method: $RUNS. Date: $(date -u +%F). Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB."
+  echo "Dataset: $VALUES, $FILES files, $BYTES bytes ($(printf '%.2f' "$GB") GB). Runs per method: $RUNS, interleaved. Date: $(date -u +%F). Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, loopback."
   echo
-  echo "| method | median s | GB/s | speed vs rsync over ssh | runs (s) |"
-  echo "|---|---|---|---|---|"
-  for r in "${RESULTS[@]}"; do
-    IFS=';' read -r name med all <<< "$r"
-    echo "| $name | $med | $(echo "scale=2; $BYTES/$med/1000000000" | bc) | $(echo "scale=2; $ssh_med/$med" | bc)x | $all |"
+  echo "| method | median s | GB/s | vs rsync over ssh | vs rsync daemon | client CPU s/GB | server CPU s/GB | runs (s) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---|"
+  for m in "${METHODS[@]}"; do
+    med=$(echo "${TIMES[$m]}" | median)
+    cl=$(echo "${CLIENT[$m]}" | median)
+    sv=$(echo "${SERVER[$m]}" | median)
+    runs=$(for t in ${TIMES[$m]}; do printf '%.2f ' "$t"; done)
+    printf '| %s | %.2f | %.2f | %.2fx | %.2fx | %.2f | %.2f | %s|\n' \
+      "${NAME[$m]}" "$med" "$(echo "$GB/$med" | bc -l)" "$(echo "$ssh_med/$med" | bc -l)" \
+      "$(echo "$daemon_med/$med" | bc -l)" "$(echo "$cl/$GB" | bc -l)" "$(echo "$sv/$GB" | bc -l)" "$runs"
   done
   echo
-  echo "First ferry seed after the leader started (includes hashing every SST once): ${FIRST}s."
+  printf 'First ferry seed after the leader started (includes hashing every SST once): %.2f s. ' "$FIRST"
+  printf 'Peak RSS of `ferry seed`: %s MiB (max over runs).\n' "$(sort -n "$WORK/ferry-rss" | tail -n1 | awk '{printf "%.0f", $1/1048576}')"
 } | tee ${FERRY_BENCH_OUT:+"$FERRY_BENCH_OUT"}

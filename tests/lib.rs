@@ -19,12 +19,12 @@ pub fn fill(store: &Store, n: usize, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for i in 0..n {
         let mut b = Batch::new();
-        for _ in 0..rng.gen_range(1..4) {
-            let k = format!("key-{:06}", rng.gen_range(0..5000));
-            if rng.gen_ratio(1, 8) {
+        for _ in 0..rng.random_range(1..4) {
+            let k = format!("key-{:06}", rng.random_range(0..5000));
+            if rng.random_ratio(1, 8) {
                 b.delete(k);
             } else {
-                let len = rng.gen_range(0..300);
+                let len = rng.random_range(0..300);
                 let v: Vec<u8> = (0..len).map(|j| ((i + j) % 251) as u8).collect();
                 b.put(k, v);
             }
@@ -55,6 +55,25 @@ pub fn ferry_bin() -> PathBuf {
         bin.display()
     );
     bin
+}
+
+/// Writes about `bytes` of incompressible values (2 KiB each), so the
+/// database has real size on disk.
+pub fn fill_sized(store: &Store, bytes: usize, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut written = 0;
+    let mut i = 0u64;
+    while written < bytes {
+        let mut b = Batch::new();
+        for _ in 0..256 {
+            let mut v = vec![0u8; 2048];
+            rng.fill(&mut v[..]);
+            b.put(format!("blob-{i:010}"), v);
+            written += 2048 + 15;
+            i += 1;
+        }
+        store.write(&b).expect("write");
+    }
 }
 
 /// Runs `ferry` with `args` and returns stdout, failing on a non-zero exit.
@@ -190,6 +209,101 @@ impl TestLeader {
     }
 }
 
+/// A response of the HTTP API: status, headers and body, whatever the status.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("HTTP {}: not JSON ({e}): {}", self.status, self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The JSON body of a 2xx reply; panics with the body otherwise.
+    pub fn ok_json(&self) -> serde_json::Value {
+        assert!(
+            (200..300).contains(&self.status),
+            "HTTP {}: {}",
+            self.status,
+            self.text()
+        );
+        self.json()
+    }
+}
+
+/// One HTTP request: `method url`, with an optional body and content type.
+/// Error statuses are replies too; transport failures are `Err`.
+pub fn http(method: &str, url: &str, body: Option<(&str, &[u8])>) -> Result<Reply, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(120)))
+        .build()
+        .into();
+    let r = match (method, body) {
+        ("GET", _) => agent.get(url).call(),
+        ("DELETE", _) => agent.delete(url).call(),
+        ("POST", None) => agent.post(url).send_empty(),
+        ("PUT", None) => agent.put(url).send_empty(),
+        ("POST", Some((ct, b))) => agent.post(url).header("content-type", ct).send(b),
+        ("PUT", Some((ct, b))) => agent.put(url).header("content-type", ct).send(b),
+        _ => panic!("unsupported method {method}"),
+    };
+    let mut r = r.map_err(|e| format!("{method} {url}: {e}"))?;
+    let status = r.status().as_u16();
+    let headers = r
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .map_err(|e| format!("{method} {url}: body: {e}"))?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(url: &str) -> Reply {
+    http("GET", url, None).expect("GET")
+}
+
+pub fn post_json(url: &str, v: &serde_json::Value) -> Reply {
+    let b = serde_json::to_vec(v).expect("json");
+    http("POST", url, Some(("application/json", &b))).expect("POST")
+}
+
+pub fn post(url: &str) -> Reply {
+    http("POST", url, None).expect("POST")
+}
+
+pub fn put_bytes(url: &str, b: &[u8]) -> Reply {
+    http("PUT", url, Some(("application/octet-stream", b))).expect("PUT")
+}
+
+pub fn delete(url: &str) -> Reply {
+    http("DELETE", url, None).expect("DELETE")
+}
+
 /// A free loopback port (for both TCP and UDP).
 pub fn free_port() -> u16 {
     loop {
@@ -265,7 +379,7 @@ impl Proc {
     fn wait_http(&self, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         while std::time::Instant::now() < deadline {
-            if ureq::get(&self.url("/v1/status")).call().is_ok() {
+            if http("GET", &self.url("/v1/status"), None).is_ok_and(|r| r.status == 200) {
                 return;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
@@ -282,11 +396,7 @@ impl Proc {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        ureq::get(&self.url("/v1/status"))
-            .call()
-            .expect("status")
-            .into_json()
-            .expect("json")
+        get(&self.url("/v1/status")).ok_json()
     }
 
     /// Waits until the node reports `state`.
@@ -308,11 +418,7 @@ impl Proc {
 
     /// PUT a key; returns the sequence.
     pub fn put(&self, key: &str, value: &[u8]) -> u64 {
-        let r: serde_json::Value = ureq::put(&self.url(&format!("/v1/kv/{key}")))
-            .send_bytes(value)
-            .expect("put")
-            .into_json()
-            .expect("json");
+        let r = put_bytes(&self.url(&format!("/v1/kv/{key}")), value).ok_json();
         r["seq"].as_u64().expect("seq")
     }
 
@@ -324,11 +430,7 @@ impl Proc {
                 .iter()
                 .map(|i| serde_json::json!({"op": "put", "key": format!("{prefix}{i:08}"), "value": noise(&format!("{prefix}{i}"), size)}))
                 .collect();
-            let r: serde_json::Value = ureq::post(&self.url("/v1/batch"))
-                .send_json(serde_json::json!({ "ops": ops }))
-                .expect("batch")
-                .into_json()
-                .expect("json");
+            let r = post_json(&self.url("/v1/batch"), &serde_json::json!({ "ops": ops })).ok_json();
             seq = r["seq"].as_u64().expect("seq");
         }
         seq

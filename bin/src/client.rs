@@ -6,26 +6,45 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-fn get(url: &str, timeout: Duration) -> Result<Value> {
-    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    match agent.get(url).call() {
-        Ok(r) => r
-            .into_json()
-            .with_context(|| format!("bad JSON from {url}")),
-        Err(ureq::Error::Status(code, r)) => {
-            let body: Value = r.into_json().unwrap_or(Value::Null);
-            bail!(
-                "{url}: HTTP {code}: {}",
-                body["error"].as_str().unwrap_or("(no message)")
-            )
-        }
-        Err(e) => bail!("{url}: {e}"),
+/// An HTTP client that returns error statuses as responses (their bodies
+/// carry the message) and gives up after `timeout`.
+pub fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+/// GETs `url` and returns its JSON body; an error status is an error with
+/// the server's message.
+pub fn get_json(url: &str, timeout: Duration) -> Result<Value> {
+    let mut r = agent(timeout)
+        .get(url)
+        .call()
+        .with_context(|| format!("GET {url}"))?;
+    let code = r.status().as_u16();
+    let body: Value = r
+        .body_mut()
+        .with_config()
+        .limit(64 << 20)
+        .read_json()
+        .unwrap_or(Value::Null);
+    if !(200..300).contains(&code) {
+        bail!(
+            "{url}: HTTP {code}: {}",
+            body["error"].as_str().unwrap_or("(no message)")
+        );
     }
+    if body.is_null() {
+        bail!("bad JSON from {url}");
+    }
+    Ok(body)
 }
 
 /// Prints a node's status.
 pub fn status(http: SocketAddr, json: bool) -> Result<i32> {
-    let s = get(&format!("http://{http}/v1/status"), Duration::from_secs(10))?;
+    let s = get_json(&format!("http://{http}/v1/status"), Duration::from_secs(10))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(0);
@@ -100,22 +119,8 @@ pub fn verify(
     timeout: Duration,
     json: bool,
 ) -> Result<i32> {
-    // The leader takes a snapshot and marks its sequence in every follower's
-    // stream, so the follower's digest is taken at exactly that sequence.
-    let l = get(
-        &format!("http://{leader}/v1/digest?mark=true"),
-        Duration::from_secs(3600),
-    )
-    .context("leader digest")?;
-    let seq = l["seq"]
-        .as_u64()
-        .context("the leader's digest has no sequence")?;
-    let url = format!(
-        "http://{follower}/v1/digest?seq={seq}&timeout_ms={}",
-        timeout.as_millis()
-    );
-    let f = get(&url, timeout + Duration::from_secs(3600)).context("follower digest")?;
-    let same = l["digest"] == f["digest"] && l["seq"] == f["seq"];
+    let (same, l, f) = compare(leader, follower, timeout)?;
+    let seq = l["seq"].clone();
     if json {
         println!(
             "{}",
@@ -137,4 +142,30 @@ pub fn verify(
         println!("{}", if same { "match" } else { "MISMATCH" });
     }
     Ok(if same { 0 } else { 3 })
+}
+
+/// The leader's and the follower's digests at one sequence, and whether
+/// they match.
+pub fn compare(
+    leader: SocketAddr,
+    follower: SocketAddr,
+    timeout: Duration,
+) -> Result<(bool, Value, Value)> {
+    // The leader takes a snapshot and marks its sequence in every follower's
+    // stream, so the follower's digest is taken at exactly that sequence.
+    let l = get_json(
+        &format!("http://{leader}/v1/digest?mark=true"),
+        Duration::from_secs(3600),
+    )
+    .context("leader digest")?;
+    let seq = l["seq"]
+        .as_u64()
+        .context("the leader's digest has no sequence")?;
+    let url = format!(
+        "http://{follower}/v1/digest?seq={seq}&timeout_ms={}",
+        timeout.as_millis()
+    );
+    let f = get_json(&url, timeout + Duration::from_secs(3600)).context("follower digest")?;
+    let same = l["digest"] == f["digest"] && l["seq"] == f["seq"];
+    Ok((same, l, f))
 }

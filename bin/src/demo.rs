@@ -18,19 +18,19 @@ use crate::{http, util};
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Keys the leader starts with.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, env = "FERRY_KEYS", default_value_t = 1_000_000)]
     keys: u64,
     /// Bytes per value.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "FERRY_VALUE_SIZE", default_value_t = 200)]
     value_size: usize,
     /// Writes per second of the live load.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "FERRY_WRITE_RATE", default_value_t = 2000)]
     write_rate: u64,
     /// Seconds to watch live replication before verifying.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, env = "FERRY_WATCH_SECS", default_value_t = 3)]
     watch_secs: u64,
     /// Keep the directories instead of deleting them.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_KEEP")]
     keep: bool,
 }
 
@@ -65,6 +65,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         store: StoreOptions::default(),
         serve: ServeOptions::default(),
         reseed_backoff: Duration::from_secs(5),
+        transport: ferry_transfer::TransportOptions::default(),
     };
     let leader = node::start(base(&leader_dir, "leader")).await?;
     let leader_http = http::serve(Arc::clone(&leader), local).await?;
@@ -210,7 +211,7 @@ fn generate(dir: &std::path::Path, keys: u64, vsize: usize) -> Result<()> {
         // Half random, half repeated: compressible like real values.
         rng.fill(&mut value[..vsize / 2]);
         b.put(
-            format!("user:{:016x}", rng.gen::<u64>() ^ i).into_bytes(),
+            format!("user:{:016x}", rng.random::<u64>() ^ i).into_bytes(),
             value.clone(),
         );
         if b.len() == 1000 {

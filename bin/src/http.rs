@@ -1,6 +1,7 @@
 //! The HTTP API of a node (JSON; see README.md for the reference).
 //!
-//! Every response carries `X-Ferry-Seq`, the sequence it reflects. Bodies,
+//! Every response of a node with an open database carries `X-Ferry-Seq`,
+//! the sequence it reflects (errors and `/metrics` included). Bodies,
 //! keys, scan limits and waits are bounded; bad input is a 4xx with a
 //! message.
 
@@ -17,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use ferry_engine::{Batch, Error as EngineError, Scan, Store};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -67,7 +68,37 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/admin/flush", post(flush))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response_with_state(
+            Arc::clone(&node),
+            add_seq_header,
+        ))
         .with_state(node)
+}
+
+/// Gives every response of a node with an open database `X-Ferry-Seq`:
+/// errors and `/metrics` too. Handlers that answer for a particular
+/// sequence (a write's, a digest's) set it themselves.
+///
+/// A follower adds `X-Ferry-Last-Contact`, when it last heard from its
+/// leader (RFC 3339): with the sequence, how stale a read may be while the
+/// leader is unreachable.
+async fn add_seq_header(State(node): State<Shared>, mut resp: Response) -> Response {
+    if !resp.headers().contains_key("x-ferry-seq") {
+        if let Some(store) = node.store() {
+            resp.headers_mut()
+                .insert("x-ferry-seq", HeaderValue::from(store.latest_seq()));
+        }
+    }
+    if !node.is_leader() {
+        if let Some(t) = node.replica.snapshot().last_contact_unix_ms {
+            let at =
+                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(t));
+            if let Ok(v) = HeaderValue::from_str(&at.to_string()) {
+                resp.headers_mut().insert("x-ferry-last-contact", v);
+            }
+        }
+    }
+    resp
 }
 
 /// An API error: a status and a message.
@@ -518,7 +549,16 @@ async fn digest_at(
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Latencies from half a millisecond (a live ack on a LAN) to ten
+        // seconds (a chunk on a congested WAN).
+        const BUCKETS: &[f64] = &[
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let builder = PrometheusBuilder::new();
+        let builder = builder
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         handle
@@ -533,39 +573,38 @@ pub fn init_metrics() {
 async fn metrics(State(node): State<Shared>) -> Response {
     let id = node.cfg.node_id.clone();
     let g = |name: &'static str, v: f64| metrics::gauge!(name, "node" => id.clone()).set(v);
+    // Counters kept as atomics elsewhere are mirrored as counters.
+    let c = |name: &'static str, v: u64| metrics::counter!(name, "node" => id.clone()).absolute(v);
     if let Some(store) = node.store() {
         g("ferry_latest_seq", store.latest_seq() as f64);
     }
-    g(
-        "ferry_reseeds_total",
-        node.reseeds.load(Ordering::SeqCst) as f64,
-    );
+    c("ferry_reseeds_total", node.reseeds.load(Ordering::SeqCst));
     g("ferry_up_seconds", node.started.elapsed().as_secs_f64());
     if let Some(s) = node.server() {
         let st = &s.stats;
-        g(
+        c(
             "ferry_seeds_started_total",
-            st.seeds_started.load(Ordering::Relaxed) as f64,
+            st.seeds_started.load(Ordering::Relaxed),
         );
-        g(
+        c(
             "ferry_seeds_completed_total",
-            st.seeds_completed.load(Ordering::Relaxed) as f64,
+            st.seeds_completed.load(Ordering::Relaxed),
         );
-        g(
+        c(
             "ferry_seed_chunks_served_total",
-            st.chunks_served.load(Ordering::Relaxed) as f64,
+            st.chunks_served.load(Ordering::Relaxed),
         );
-        g(
+        c(
             "ferry_seed_bytes_sent_total",
-            st.chunk_bytes_sent.load(Ordering::Relaxed) as f64,
+            st.chunk_bytes_sent.load(Ordering::Relaxed),
         );
-        g(
+        c(
             "ferry_seed_bytes_raw_total",
-            st.chunk_bytes_raw.load(Ordering::Relaxed) as f64,
+            st.chunk_bytes_raw.load(Ordering::Relaxed),
         );
-        g(
+        c(
             "ferry_auth_failures_total",
-            st.auth_failures.load(Ordering::Relaxed) as f64,
+            st.auth_failures.load(Ordering::Relaxed),
         );
         g("ferry_seeds_active", s.active_seeds() as f64);
     }
@@ -591,11 +630,22 @@ async fn metrics(State(node): State<Shared>) -> Response {
             "ferry_replica_lag_seqs",
             r.leader_seq.saturating_sub(r.applied_seq) as f64,
         );
-        g("ferry_replica_reconnects_total", r.reconnects as f64);
+        c("ferry_replica_reconnects_total", r.reconnects);
         g(
-            "ferry_replica_batches_applied_total",
-            r.batches_applied as f64,
+            "ferry_replica_leader_reachable",
+            if node.state() == crate::node::NodeState::Unreachable {
+                0.0
+            } else {
+                1.0
+            },
         );
+        if let Some(t) = r.last_contact_unix_ms {
+            g(
+                "ferry_replica_last_contact_age_seconds",
+                ferry_transfer::follower::unix_ms().saturating_sub(t) as f64 / 1000.0,
+            );
+        }
+        c("ferry_replica_batches_applied_total", r.batches_applied);
     }
     (
         StatusCode::OK,

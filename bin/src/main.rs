@@ -10,15 +10,19 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_engine::{Store, StoreOptions};
 use ferry_transfer::auth::{ClusterCa, JoinToken, NodeAuth};
 use ferry_transfer::{ClientAuth, Compression, ServeOptions};
 
+mod bench;
 mod client;
+mod config;
+mod datagen;
 mod demo;
 mod http;
+mod netlink;
 mod node;
 mod util;
 
@@ -33,6 +37,10 @@ struct Cli {
     /// Log filter (tracing syntax), e.g. `info` or `ferry_transfer=debug`.
     #[arg(long, global = true, default_value = "info", env = "FERRY_LOG")]
     log: String,
+    /// A TOML file whose keys are flag names (`max-rate = "100M"`). A flag
+    /// beats its environment variable, which beats the file.
+    #[arg(long, global = true, env = "FERRY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,19 +81,23 @@ enum Command {
         /// The node's HTTP address.
         #[arg(long, env = "FERRY_HTTP")]
         http: SocketAddr,
+        /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Compare a leader's and a follower's digests at the same sequence;
     /// exits 3 on a mismatch.
     Verify {
-        #[arg(long)]
+        /// The leader's HTTP address.
+        #[arg(long, env = "FERRY_LEADER_HTTP")]
         leader_http: SocketAddr,
-        #[arg(long)]
+        /// The follower's HTTP address.
+        #[arg(long, env = "FERRY_FOLLOWER_HTTP")]
         follower_http: SocketAddr,
         /// How long to wait for the follower to reach the leader's sequence.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, env = "FERRY_TIMEOUT_SECS", default_value_t = 60)]
         timeout_secs: u64,
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -100,6 +112,10 @@ enum Command {
     /// Run the whole story on local defaults: a leader with data and a live
     /// write load, a new follower seeded over QUIC, catch-up, verification.
     Demo(demo::DemoArgs),
+    /// Measure the whole job with real processes on loopback: seed speed,
+    /// time to live, catch-up, lag, the leader's write rate during a seed,
+    /// memory and CPU.
+    Bench(bench::BenchArgs),
     /// Create a cluster CA and node certificates for operator-managed TLS.
     #[command(subcommand)]
     Certs(CertsCommand),
@@ -109,16 +125,20 @@ enum Command {
 enum CertsCommand {
     /// Create a new cluster CA (ca.pem, ca.key) in OUT.
     InitCa {
-        #[arg(long)]
+        /// The directory to write ca.pem and ca.key to.
+        #[arg(long, env = "FERRY_OUT")]
         out: PathBuf,
     },
     /// Issue a node certificate (NAME.pem, NAME.key) signed by the CA in CA_DIR.
     Issue {
-        #[arg(long)]
+        /// The directory that holds ca.pem and ca.key.
+        #[arg(long, env = "FERRY_CA_DIR")]
         ca_dir: PathBuf,
-        #[arg(long)]
+        /// The node's name (the certificate's common name).
+        #[arg(long, env = "FERRY_NAME")]
         name: String,
-        #[arg(long)]
+        /// The directory to write NAME.pem and NAME.key to.
+        #[arg(long, env = "FERRY_OUT")]
         out: PathBuf,
     },
 }
@@ -165,7 +185,7 @@ struct ServeArgs {
     #[arg(long, env = "FERRY_ZSTD_LEVEL", default_value_t = 1)]
     zstd_level: i32,
     /// Keep obsolete WAL files this many seconds for catching-up followers.
-    #[arg(long, env = "FERRY_WAL_TTL", default_value_t = 6 * 3600)]
+    #[arg(long, env = "FERRY_WAL_TTL_SECS", default_value_t = 6 * 3600)]
     wal_ttl_secs: u64,
     /// ... and at most this many MiB of them.
     #[arg(long, env = "FERRY_WAL_SIZE_LIMIT_MB", default_value_t = 8192)]
@@ -185,10 +205,36 @@ struct ServeArgs {
     token: Option<String>,
     /// First wait before a re-seed that follows another within 10 minutes
     /// (doubles each time, up to 10 minutes).
-    #[arg(long, env = "FERRY_RESEED_BACKOFF", default_value_t = 30)]
+    #[arg(long, env = "FERRY_RESEED_BACKOFF_SECS", default_value_t = 30)]
     reseed_backoff_secs: u64,
+    /// A peer silent this long is declared lost (keep-alives go out at a
+    /// twelfth of it; a restarted peer is noticed at the next keep-alive).
+    #[arg(long, env = "FERRY_PEER_TIMEOUT_MS", default_value_t = 3000)]
+    peer_timeout_ms: u64,
+    /// Congestion control of QUIC connections: bbr keeps its speed under
+    /// random loss; cubic (TCP's) yields more to competing flows.
+    #[arg(long, env = "FERRY_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
+    congestion: CongestionArg,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum CongestionArg {
+    Bbr,
+    Cubic,
+}
+
+impl CongestionArg {
+    fn transport(self, peer_timeout_ms: u64) -> ferry_transfer::TransportOptions {
+        let mut t = ferry_transfer::TransportOptions::default()
+            .with_idle_timeout(Duration::from_millis(peer_timeout_ms));
+        t.congestion = match self {
+            CongestionArg::Bbr => ferry_transfer::Congestion::Bbr,
+            CongestionArg::Cubic => ferry_transfer::Congestion::Cubic,
+        };
+        t
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -216,14 +262,27 @@ struct SeedArgs {
     #[arg(long)]
     json: bool,
     /// Never draw a progress bar, even on a terminal.
-    #[arg(long)]
+    #[arg(long, env = "FERRY_NO_PROGRESS")]
     no_progress: bool,
+    /// A leader silent this long is declared lost; the seed reconnects and
+    /// resumes.
+    #[arg(long, env = "FERRY_PEER_TIMEOUT_MS", default_value_t = 3000)]
+    peer_timeout_ms: u64,
+    /// Congestion control of QUIC connections: bbr keeps its speed under
+    /// random loss; cubic (TCP's) yields more to competing flows.
+    #[arg(long, env = "FERRY_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
+    congestion: CongestionArg,
     #[command(flatten)]
     tls: TlsArgs,
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Err(e) = config::apply(&args, &<Cli as clap::CommandFactory>::command()) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+    let cli = Cli::parse_from(args);
     // The demo tells its own story; library logs only for warnings unless asked.
     let filter = if matches!(cli.command, Command::Demo(_)) && cli.log == "info" {
         "warn"
@@ -235,7 +294,11 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            if e.chain().any(|c| c.is::<config::UsageError>()) {
+                2
+            } else {
+                1
+            }
         }
     };
     std::process::exit(code);
@@ -248,11 +311,24 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Seed(args) => runtime()?.block_on(seed(args)),
         Command::Token { data } => {
-            let (_, token) = NodeAuth::load_or_init(&node::tls_dir(&data), "leader")?;
+            let auth = NodeAuth::load_dir(&node::tls_dir(&data))?.ok_or_else(|| {
+                config::usage(format!(
+                    "no ferry node at {} (a leader creates its identity on its first `ferry serve --data {}`)",
+                    data.display(),
+                    data.display()
+                ))
+            })?;
+            let token = auth.token().ok_or_else(|| {
+                config::usage(format!(
+                    "the node at {} holds no join secret: only a leader issues join tokens",
+                    data.display()
+                ))
+            })?;
             println!("{token}");
             Ok(0)
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Bench(args) => bench::run(args),
         Command::Status { http, json } => client::status(http, json),
         Command::Verify {
             leader_http,
@@ -378,6 +454,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             ..ServeOptions::default()
         },
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
+        transport: args.congestion.transport(args.peer_timeout_ms),
     };
     http::init_metrics();
     let node = node::start(cfg).await?;
@@ -412,10 +489,11 @@ async fn seed(args: SeedArgs) -> Result<i32> {
     let auth = match (&args.token, &args.tls.ca, &args.tls.cert, &args.tls.key) {
         (Some(t), _, _, _) => ClientAuth::from_token(&t.parse::<JoinToken>()?),
         (None, Some(ca), Some(cert), Some(key)) => NodeAuth::from_files(ca, cert, key).context("load the TLS files")?.client_credentials(),
-        _ => bail!("a join token (--token or FERRY_TOKEN) or --ca/--cert/--key is required to authenticate to the leader"),
+        _ => return Err(config::usage("a join token (--token or FERRY_TOKEN) or --ca/--cert/--key is required to authenticate to the leader")),
     };
     let mut cfg = ferry_transfer::SeedConfig::new(&args.data, args.leader, auth);
     cfg.parallel = args.parallel.max(1);
+    cfg.transport = args.congestion.transport(args.peer_timeout_ms);
     let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(util::progress_bar);
     cfg.progress = Some(util::progress_callback(bar.clone()));
     let report = ferry_transfer::seed(cfg)
@@ -425,11 +503,17 @@ async fn seed(args: SeedArgs) -> Result<i32> {
         b.finish_and_clear();
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        let me = std::process::id();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("peak_rss_bytes".into(), bench::proc_peak_rss(me).into());
+            o.insert("cpu_secs".into(), bench::proc_cpu_secs(me).into());
+        }
+        println!("{v}");
     } else {
         let rate = report.bytes_fetched as f64 / report.elapsed_secs.max(1e-9);
         println!(
-            "seeded {} at sequence {}: {} files, {} in {:.2}s ({}/s); fetched {} chunks ({} on the wire), reused {}, re-fetched {}",
+            "seeded {} at sequence {}: {} files, {} in {:.2}s ({}/s); fetched {} chunks ({} on the wire), resumed {}, reused {} from local files, re-fetched {}, {} reconnects",
             args.data.display(),
             report.seq,
             report.files,
@@ -438,8 +522,10 @@ async fn seed(args: SeedArgs) -> Result<i32> {
             util::human_bytes(rate as u64),
             report.chunks_fetched,
             util::human_bytes(report.wire_bytes),
+            report.chunks_resumed,
             report.chunks_reused,
             report.chunks_refetched,
+            report.reconnects,
         );
     }
     Ok(0)

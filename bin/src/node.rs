@@ -41,6 +41,9 @@ pub struct NodeConfig {
     pub serve: ServeOptions,
     /// The first wait before a re-seed that follows soon after another.
     pub reseed_backoff: Duration,
+    /// QUIC settings (windows, keep-alive and idle timeout) of every
+    /// connection this node makes or accepts.
+    pub transport: TransportOptions,
 }
 
 /// Where a node is in its life.
@@ -52,6 +55,9 @@ pub enum NodeState {
     Seeding,
     CatchingUp,
     Live,
+    /// A follower whose leader has gone silent or cannot be reached; it
+    /// keeps serving reads, which say how stale they may be.
+    Unreachable,
     Reseeding,
     Diverged,
     Stopped,
@@ -65,6 +71,7 @@ impl NodeState {
             NodeState::Seeding => "seeding",
             NodeState::CatchingUp => "catching-up",
             NodeState::Live => "live",
+            NodeState::Unreachable => "unreachable",
             NodeState::Reseeding => "reseeding",
             NodeState::Diverged => "diverged",
             NodeState::Stopped => "stopped",
@@ -282,9 +289,8 @@ fn serve_quic(
     auth: NodeAuth,
 ) -> Result<(ferry_transfer::quinn::Endpoint, Arc<Server>)> {
     let cfg = &node.cfg;
-    let endpoint =
-        ferry_transfer::endpoint::server_endpoint(cfg.listen, &auth, &TransportOptions::default())
-            .with_context(|| format!("listen for QUIC on {}", cfg.listen))?;
+    let endpoint = ferry_transfer::endpoint::server_endpoint(cfg.listen, &auth, &cfg.transport)
+        .with_context(|| format!("listen for QUIC on {}", cfg.listen))?;
     *node.quic_addr.write() = Some(endpoint.local_addr()?);
     let server = Server::new(
         store.clone(),
@@ -310,9 +316,9 @@ fn follower_client_auth(cfg: &NodeConfig) -> Result<ClientAuth> {
     }
     match &cfg.token {
         Some(t) => Ok(ClientAuth::from_token(t)),
-        None => {
-            bail!("a join token (--token or FERRY_TOKEN) is required for a follower's first start")
-        }
+        None => Err(crate::config::usage(
+            "a join token (--token or FERRY_TOKEN) is required for a follower's first start",
+        )),
     }
 }
 
@@ -360,6 +366,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             sc.role = WireRole::Follower;
             sc.reuse_existing = reseed;
             sc.reconnects = 3;
+            sc.transport = cfg.transport.clone();
             let n2 = Arc::clone(&node);
             sc.progress = Some(Arc::new(move |p: &Progress| {
                 *n2.seed_progress.lock() = Some(p.clone())
@@ -405,7 +412,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 leader,
                 &ClientAuth::from_token(&token),
                 &cfg.node_id,
-                &TransportOptions::default(),
+                &cfg.transport,
                 &e.csr_pem,
             )
             .await
@@ -428,7 +435,8 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         // 4. Catch up and follow, publishing the replica's state.
         node.set_state(NodeState::CatchingUp, None);
         let watcher = tokio::spawn(watch_replica(Arc::clone(&node)));
-        let rc = ReplicaConfig::new(leader, follower_client_auth(&cfg)?, cfg.node_id.clone());
+        let mut rc = ReplicaConfig::new(leader, follower_client_auth(&cfg)?, cfg.node_id.clone());
+        rc.transport = cfg.transport.clone();
         let end = replicate(
             store.clone(),
             rc,
@@ -493,17 +501,60 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
     Ok(())
 }
 
-/// Mirrors the replica's state into the node's state.
+/// A live stream silent this long makes the follower report its leader
+/// unreachable (the leader sends a heartbeat every 250 ms); the connection
+/// itself is declared lost after the transport's idle timeout.
+const LIVE_SILENCE: Duration = Duration::from_secs(1);
+
+/// Mirrors the replica's state into the node's state: `live` only while the
+/// leader is heard from, `unreachable` (with the time of the last contact)
+/// when it is not.
 async fn watch_replica(node: Arc<Node>) {
     loop {
-        let s = node.replica.snapshot();
-        let state = match s.state {
-            "live" => NodeState::Live,
-            _ => NodeState::CatchingUp,
-        };
+        let (state, detail) = replica_state(&node);
         if node.state() != state {
-            node.set_state(state, None);
+            node.set_state(state, detail);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn replica_state(node: &Node) -> (NodeState, Option<String>) {
+    let s = node.replica.snapshot();
+    let leader = node.cfg.follow.map(|a| a.to_string()).unwrap_or_default();
+    let silent_ms = s
+        .last_contact_unix_ms
+        .map(|t| ferry_transfer::follower::unix_ms().saturating_sub(t));
+    let since = s
+        .last_contact_unix_ms
+        .map(|t| {
+            format!(
+                "since {}",
+                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(t))
+            )
+        })
+        .unwrap_or_else(|| "since this node started".into());
+    if !s.connected && s.last_error.is_some() {
+        let why = s.last_error.unwrap_or_default();
+        return (
+            NodeState::Unreachable,
+            Some(format!("leader {leader} unreachable {since}: {why}")),
+        );
+    }
+    if s.connected
+        && s.state == "live"
+        && silent_ms.is_some_and(|m| m > LIVE_SILENCE.as_millis() as u64)
+    {
+        return (
+            NodeState::Unreachable,
+            Some(format!(
+                "leader {leader} unreachable {since}: no heartbeat for {} ms",
+                silent_ms.unwrap_or(0)
+            )),
+        );
+    }
+    match s.state {
+        "live" => (NodeState::Live, None),
+        _ => (NodeState::CatchingUp, None),
     }
 }

@@ -18,22 +18,61 @@ pub fn init_logging(filter: &str, json: bool) {
     }
 }
 
-/// Parses `1048576`, `64K`, `100M`, `1G` (powers of 1024).
+/// Parses a byte size: `1048576`, `64K`, `100M`, `1G`, `256MiB`, `2GB`
+/// (every suffix is a power of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
+    parse_scaled(s, 1024, &["ib", "b"])
+        .map_err(|_| format!("{s:?} is not a size like 500K, 100M, 256MiB or 1G"))
+}
+
+/// Parses a rate in bits per second: `1000000`, `100M`, `1G`, `10Gbit`
+/// (decimal suffixes, as network links are rated).
+pub fn parse_bits(s: &str) -> Result<u64, String> {
+    parse_scaled(s, 1000, &["bit", "bps"])
+        .map_err(|_| format!("{s:?} is not a rate like 100M, 1G or 10Gbit (bits per second)"))
+}
+
+fn parse_scaled(s: &str, base: u64, units: &[&str]) -> Result<u64, ()> {
+    let mut t = s.trim().to_ascii_lowercase();
+    for u in units {
+        if let Some(x) = t.strip_suffix(u) {
+            t = x.to_owned();
+            break;
+        }
+    }
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], base),
+        Some('m') => (&t[..t.len() - 1], base.pow(2)),
+        Some('g') => (&t[..t.len() - 1], base.pow(3)),
+        Some('t') => (&t[..t.len() - 1], base.pow(4)),
+        _ => (t.as_str(), 1),
     };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size like 500K, 100M or 1G"))?;
-    if !(n > 0.0) {
-        return Err("the size must be positive".into());
+    let n: f64 = num.trim().parse().map_err(|_| ())?;
+    if !(n > 0.0 && n.is_finite()) {
+        return Err(());
     }
     Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_bits("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bits("10Gbit"), Ok(10_000_000_000));
+        assert_eq!(parse_bits("100mbps"), Ok(100_000_000));
+    }
 }
 
 pub fn human_bytes(n: u64) -> String {

@@ -24,11 +24,7 @@ fn load(leader: &Proc, stop: Arc<AtomicBool>, last: Arc<AtomicU64>) -> std::thre
             let ops: Vec<_> = (0..20).map(|j| serde_json::json!({"op": "put", "key": format!("load-{:03}", (i * 20 + j) % 997), "value": format!("v{i}-{j}")})).collect();
             let mut ops = ops;
             ops.push(serde_json::json!({"op": "delete", "key": format!("load-{:03}", i % 997)}));
-            let r: serde_json::Value = ureq::post(&url)
-                .send_json(serde_json::json!({ "ops": ops }))
-                .expect("load write")
-                .into_json()
-                .expect("json");
+            let r = ferry_tests::post_json(&url, &serde_json::json!({ "ops": ops })).ok_json();
             last.store(r["seq"].as_u64().expect("seq"), Ordering::SeqCst);
             i += 1;
         }
@@ -98,9 +94,7 @@ fn a_follower_killed_in_every_state_converges_without_reseeding() {
     );
     // About 12 MB that compresses poorly: four seconds at 3 MB/s.
     leader.fill("big-", 6000, 500, 2000);
-    ureq::post(&leader.url("/v1/admin/flush"))
-        .call()
-        .expect("flush");
+    ferry_tests::post(&leader.url("/v1/admin/flush")).ok_json();
     let token = leader.token();
     let mut follower = Proc::start(
         &d.path().join("f1"),
@@ -138,7 +132,7 @@ fn a_follower_killed_in_every_state_converges_without_reseeding() {
     follower.wait_state("live", T);
     let s = follower.status();
     assert!(
-        s["last_seed"]["bytes_reused"].as_u64().expect("report") > 0,
+        s["last_seed"]["bytes_resumed"].as_u64().expect("report") > 0,
         "the seed resumed: {s}"
     );
     assert_eq!(s["reseeds"], 0);
@@ -199,9 +193,7 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
         ],
     );
     leader.fill("base-", 60_000, 1000, 200);
-    ureq::post(&leader.url("/v1/admin/flush"))
-        .call()
-        .expect("flush");
+    ferry_tests::post(&leader.url("/v1/admin/flush")).ok_json();
     let mut follower = Proc::start(
         &d.path().join("f1"),
         &[
@@ -225,9 +217,7 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
     // the old WAL is deleted at once) and restarts, so that neither its WAL
     // nor its in-memory feed reaches back to the follower.
     leader.fill("later-", 3000, 1000, 200);
-    ureq::post(&leader.url("/v1/admin/flush"))
-        .call()
-        .expect("flush");
+    ferry_tests::post(&leader.url("/v1/admin/flush")).ok_json();
     leader.stop();
     leader.spawn();
     let oldest = leader.status()["oldest_wal_seq"].as_u64();
@@ -267,11 +257,7 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
         follower.log_text().contains("re-seeding"),
         "a clear log line"
     );
-    let metrics = ureq::get(&follower.url("/metrics"))
-        .call()
-        .expect("metrics")
-        .into_string()
-        .expect("text");
+    let metrics = ferry_tests::get(&follower.url("/metrics")).text();
     assert!(
         metrics
             .lines()
@@ -360,105 +346,101 @@ fn the_http_api_on_leader_and_follower() {
 
     // Writes and reads on the leader, each with the sequence it reflects.
     let seq = leader.put("user:1", b"alice");
-    let r = ureq::get(&leader.url("/v1/kv/user:1")).call().expect("get");
+    let r = ferry_tests::get(&leader.url("/v1/kv/user:1"));
     assert_eq!(
         r.header("x-ferry-seq").and_then(|s| s.parse::<u64>().ok()),
         Some(seq)
     );
-    assert_eq!(r.into_string().expect("body"), "alice");
-    let b: serde_json::Value = ureq::post(&leader.url("/v1/batch"))
-        .send_json(serde_json::json!({"ops": [{"op": "put", "key": "user:2", "value": "bob"}, {"op": "put", "key": "user:3", "value_b64": "/wA="}, {"op": "delete", "key": "user:1"}]}))
-        .expect("batch")
-        .into_json()
-        .expect("json");
+    assert_eq!(r.text(), "alice");
+    let b = ferry_tests::post_json(&leader.url("/v1/batch"), &serde_json::json!({"ops": [{"op": "put", "key": "user:2", "value": "bob"}, {"op": "put", "key": "user:3", "value_b64": "/wA="}, {"op": "delete", "key": "user:1"}]})).ok_json();
     assert_eq!(b["seq"].as_u64(), Some(seq + 3));
     assert_eq!(b["first_seq"].as_u64(), Some(seq + 1));
-    let s: serde_json::Value = ureq::get(&leader.url("/v1/scan?prefix=user:&limit=10"))
-        .call()
-        .expect("scan")
-        .into_json()
-        .expect("json");
+    let s = ferry_tests::get(&leader.url("/v1/scan?prefix=user:&limit=10")).ok_json();
     assert_eq!(s["items"].as_array().expect("items").len(), 2);
     assert_eq!(s["items"][0]["key"], "user:2");
     assert!(
         s["items"][1]["value_b64"].is_string(),
         "binary values come as base64"
     );
-    let del: serde_json::Value = ureq::delete(&leader.url("/v1/kv/user:2"))
-        .call()
-        .expect("delete")
-        .into_json()
-        .expect("json");
+    let del = ferry_tests::delete(&leader.url("/v1/kv/user:2")).ok_json();
     let last = del["seq"].as_u64().expect("seq");
 
     // The follower refuses writes and names the leader.
-    match ureq::put(&follower.url("/v1/kv/x")).send_bytes(b"y") {
-        Err(ureq::Error::Status(421, r)) => {
-            let body: serde_json::Value = r.into_json().expect("json");
-            assert_eq!(body["leader"], leader.quic.to_string());
-        }
-        other => panic!("a follower write must be refused: {other:?}"),
-    }
+    let r = ferry_tests::put_bytes(&follower.url("/v1/kv/x"), b"y");
+    assert_eq!(
+        r.status,
+        421,
+        "a follower write must be refused: {}",
+        r.text()
+    );
+    assert_eq!(r.json()["leader"], leader.quic.to_string());
+    assert!(
+        r.header("x-ferry-seq").is_some(),
+        "errors carry the sequence too"
+    );
     // Read-your-writes across replicas.
     let w = leader.put("ryw", b"mine");
-    let r = ureq::get(&follower.url(&format!("/v1/kv/ryw?min_seq={w}")))
-        .call()
-        .expect("min_seq read");
+    let r = ferry_tests::get(&follower.url(&format!("/v1/kv/ryw?min_seq={w}")));
+    assert_eq!(r.status, 200, "{}", r.text());
     assert!(
         r.header("x-ferry-seq")
             .and_then(|s| s.parse::<u64>().ok())
             .expect("seq")
             >= w
     );
-    assert_eq!(r.into_string().expect("body"), "mine");
+    assert_eq!(r.text(), "mine");
     assert!(
-        ureq::get(&follower.url(&format!("/v1/kv/user:2?min_seq={last}")))
-            .call()
-            .is_err(),
+        r.header("x-ferry-last-contact").is_some(),
+        "a follower's reads say when it last heard from its leader"
+    );
+    assert_eq!(
+        ferry_tests::get(&follower.url(&format!("/v1/kv/user:2?min_seq={last}"))).status,
+        404,
         "deleted on the follower too"
     );
     // A sequence that never comes times out, boundedly.
-    match ureq::get(&follower.url(&format!(
+    let r = ferry_tests::get(&follower.url(&format!(
         "/v1/kv/ryw?min_seq={}&timeout_ms=200",
         w + 1_000_000
-    )))
-    .call()
-    {
-        Err(ureq::Error::Status(504, _)) => {}
-        other => panic!("expected 504: {other:?}"),
-    }
+    )));
+    assert_eq!(r.status, 504, "{}", r.text());
 
     // Bad input is a 4xx with a message.
     let long_key = "k".repeat(5000);
-    for (req, body) in [
-        (ureq::put(&leader.url(&format!("/v1/kv/{long_key}"))), None),
-        (ureq::post(&leader.url("/v1/batch")), Some("not json")),
-        (ureq::post(&leader.url("/v1/batch")), Some(r#"{"ops": []}"#)),
+    for (method, url, body) in [
+        ("PUT", leader.url(&format!("/v1/kv/{long_key}")), Some("v")),
+        ("POST", leader.url("/v1/batch"), Some("not json")),
+        ("POST", leader.url("/v1/batch"), Some(r#"{"ops": []}"#)),
         (
-            ureq::post(&leader.url("/v1/batch")),
+            "POST",
+            leader.url("/v1/batch"),
             Some(r#"{"ops": [{"op": "put", "key": "a"}]}"#),
         ),
-        (ureq::get(&leader.url("/v1/scan?limit=0")), None),
+        ("GET", leader.url("/v1/scan?limit=0"), None),
     ] {
-        let r = match body {
-            Some(b) => req.set("content-type", "application/json").send_string(b),
-            None => req.call(),
-        };
-        match r {
-            Err(ureq::Error::Status(code, resp)) => {
-                assert!((400..500).contains(&code), "{code}");
-                let v: serde_json::Value = resp.into_json().expect("json error");
-                assert!(v["error"].is_string());
-            }
-            other => panic!("bad input accepted: {other:?}"),
-        }
+        let r = ferry_tests::http(
+            method,
+            &url,
+            body.map(|b| ("application/json", b.as_bytes())),
+        )
+        .expect("request");
+        assert!(
+            (400..500).contains(&r.status),
+            "{method} {url}: {}",
+            r.status
+        );
+        assert!(r.json()["error"].is_string());
+        assert!(
+            r.header("x-ferry-seq").is_some(),
+            "errors carry the sequence too"
+        );
     }
     // An oversized body is refused.
     let huge = vec![b'x'; 9 << 20];
-    assert!(matches!(
-        ureq::put(&leader.url("/v1/kv/huge")).send_bytes(&huge),
-        Err(ureq::Error::Status(413, _))
-    ));
+    assert_eq!(
+        ferry_tests::put_bytes(&leader.url("/v1/kv/huge"), &huge).status,
+        413
+    );
 
     // Status and metrics.
     let st = leader.status();
@@ -469,15 +451,39 @@ fn the_http_api_on_leader_and_follower() {
         (fst["role"].as_str(), fst["state"].as_str()),
         (Some("follower"), Some("live"))
     );
-    let m = ureq::get(&leader.url("/metrics"))
-        .call()
-        .expect("metrics")
-        .into_string()
-        .expect("text");
+    let m = ferry_tests::get(&leader.url("/metrics"));
+    assert!(
+        m.header("x-ferry-seq").is_some(),
+        "/metrics carries the sequence too"
+    );
+    let m = m.text();
     assert!(
         m.contains("ferry_follower_lag_seqs{") && m.contains("ferry_latest_seq{"),
         "{m}"
     );
     let out = ferry_tests::ferry(&["status", "--http", &leader.http.to_string()]);
     assert!(out.contains("f1") && out.contains("live"), "{out}");
+
+    // Every metric the README names is exported, with the type it states.
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let named: Vec<(String, String)> = readme
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let name = cells.get(1)?.strip_prefix("`ferry_")?.strip_suffix('`')?;
+            Some((format!("ferry_{name}"), cells.get(2)?.to_string()))
+        })
+        .collect();
+    assert!(named.len() >= 20, "the README's metrics table: {named:?}");
+    let exported = format!(
+        "{m}\n{}",
+        ferry_tests::get(&follower.url("/metrics")).text()
+    );
+    for (name, kind) in &named {
+        assert!(
+            exported.contains(&format!("# TYPE {name} {kind}")),
+            "{name} ({kind}) named in the README is not exported:\n{exported}"
+        );
+    }
 }

@@ -198,10 +198,10 @@ impl ClusterCa {
 
     /// Issues a certificate for a node, valid as server and client.
     pub fn issue(&self, node_name: &str) -> Result<CertKey, AuthError> {
-        let (ca, ca_key) = issuer(&self.cert_pem, &self.key_pem)?;
+        let ca = issuer(&self.cert_pem, &self.key_pem)?;
         let key = rcgen::KeyPair::generate().map_err(cert_err)?;
         let params = node_cert_params(node_name)?;
-        let cert = params.signed_by(&key, &ca, &ca_key).map_err(cert_err)?;
+        let cert = params.signed_by(&key, &ca).map_err(cert_err)?;
         Ok(CertKey {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -213,13 +213,9 @@ impl ClusterCa {
 fn issuer(
     cert_pem: &str,
     key_pem: &str,
-) -> Result<(rcgen::Certificate, rcgen::KeyPair), AuthError> {
+) -> Result<rcgen::Issuer<'static, rcgen::KeyPair>, AuthError> {
     let key = rcgen::KeyPair::from_pem(key_pem).map_err(cert_err)?;
-    let cert = rcgen::CertificateParams::from_ca_cert_pem(cert_pem)
-        .map_err(cert_err)?
-        .self_signed(&key)
-        .map_err(cert_err)?;
-    Ok((cert, key))
+    rcgen::Issuer::from_ca_cert_pem(cert_pem, key).map_err(cert_err)
 }
 
 /// What every node certificate says: the name `ferry` (and `localhost`),
@@ -347,6 +343,18 @@ impl NodeAuth {
         Ok(Some(auth))
     }
 
+    /// The key of this node's QUIC stateless resets, derived from its
+    /// private key so that it survives a restart: a peer whose connection
+    /// this node forgot (it crashed and came back) gets a reset it can
+    /// recognise, and reconnects at once instead of waiting for its idle
+    /// timeout.
+    pub fn reset_key(&self) -> [u8; 32] {
+        blake3::derive_key(
+            "ferry 2026-11 QUIC stateless reset key",
+            self.key.secret_der(),
+        )
+    }
+
     /// The join token of this cluster, when this node holds the secret.
     pub fn token(&self) -> Option<JoinToken> {
         self.secret.map(|secret| JoinToken {
@@ -368,12 +376,12 @@ impl NodeAuth {
             .ca_key
             .as_ref()
             .ok_or_else(|| AuthError::Cert("this node holds no CA key".into()))?;
-        let (ca, ca_key) = issuer(&self.ca_pem(), ca_key_pem)?;
+        let ca = issuer(&self.ca_pem(), ca_key_pem)?;
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
         let params = node_cert_params(node_name)?;
         csr.params = params;
-        Ok(csr.signed_by(&ca, &ca_key).map_err(cert_err)?.pem())
+        Ok(csr.signed_by(&ca).map_err(cert_err)?.pem())
     }
 
     /// The CA certificate as PEM.
@@ -397,7 +405,7 @@ impl NodeAuth {
             let ca = ClusterCa::generate("ferry cluster CA")?;
             let node = ca.issue(node_name)?;
             let mut s = [0u8; 32];
-            rand::Rng::fill(&mut rand::thread_rng(), &mut s);
+            rand::Rng::fill(&mut rand::rng(), &mut s);
             write_private(&ca_key, ca.key_pem.as_bytes())?;
             write_private(&node_key, node.key_pem.as_bytes())?;
             write_private(&secret, hex::encode(s).as_bytes())?;

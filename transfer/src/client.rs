@@ -45,8 +45,8 @@ pub enum ConnectError {
         source: WireError,
     },
     /// The handshake did not finish in time.
-    #[error("{peer} did not answer the handshake within {0:?}", HANDSHAKE_TIMEOUT)]
-    Timeout { peer: SocketAddr },
+    #[error("{peer} did not answer the handshake within {after:?}")]
+    Timeout { peer: SocketAddr, after: Duration },
 }
 
 fn connect_hint(e: &quinn::ConnectionError) -> &'static str {
@@ -86,7 +86,10 @@ impl Client {
             Self::connect_inner(endpoint, peer, auth, transport, node_id, role),
         )
         .await
-        .map_err(|_| ConnectError::Timeout { peer })?
+        .map_err(|_| ConnectError::Timeout {
+            peer,
+            after: HANDSHAKE_TIMEOUT,
+        })?
     }
 
     async fn connect_inner(

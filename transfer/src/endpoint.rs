@@ -25,8 +25,11 @@ pub struct TransportOptions {
     pub max_streams: u32,
     /// UDP socket send/receive buffer size.
     pub socket_buffer: usize,
-    /// Keep-alive interval; dead peers are detected by the idle timeout.
+    /// Keep-alive interval: a live connection is never silent longer than
+    /// this, and a peer that restarted answers the next keep-alive with a
+    /// stateless reset (see [`crate::auth::NodeAuth::reset_key`]).
     pub keep_alive: Duration,
+    /// A peer silent this long is declared lost (power off, partition).
     pub idle_timeout: Duration,
     /// The largest UDP payload this endpoint accepts and MTU discovery may
     /// probe up to. Discovery stops at the path's real MTU (1472 on a
@@ -35,7 +38,30 @@ pub struct TransportOptions {
     /// and the kernel refuses a GSO send over 64 KiB, so above about 6.5 KB
     /// whole batches would be dropped: 6400 is the most that is safe.
     pub max_udp_payload: u16,
+    /// The congestion controller of every connection.
+    pub congestion: Congestion,
 }
+
+/// Which congestion controller a connection uses.
+///
+/// BBR paces by the measured bottleneck bandwidth and round trip, so random
+/// loss (a lossy WAN, a busy Wi-Fi hop) does not collapse it; Cubic, like
+/// TCP, halves its window on every loss and crawls at 1% loss. The cost of
+/// BBR is fairness: against Cubic flows on a shared bottleneck it tends to
+/// take more than an equal share. Seeds are bulk transfers that an operator
+/// bounds with `--max-rate`; pick `cubic` on a link shared with
+/// loss-sensitive traffic that must win.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    #[default]
+    Bbr,
+    Cubic,
+}
+
+/// The default time after which a silent peer is declared lost.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The default keep-alive interval: a restarted peer is noticed within it.
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_millis(250);
 
 impl Default for TransportOptions {
     fn default() -> Self {
@@ -44,17 +70,27 @@ impl Default for TransportOptions {
             connection_window: 64 << 20,
             max_streams: 256,
             socket_buffer: 8 << 20,
-            keep_alive: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(15),
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_udp_payload: std::env::var("FERRY_MAX_UDP_PAYLOAD")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(6400),
+            congestion: Congestion::default(),
         }
     }
 }
 
 impl TransportOptions {
+    /// Sets the idle timeout, with keep-alives at a twelfth of it (so a
+    /// few lost keep-alives never end a healthy connection).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle_timeout = idle.max(Duration::from_millis(100));
+        self.keep_alive =
+            (self.idle_timeout / 12).clamp(Duration::from_millis(20), DEFAULT_KEEP_ALIVE);
+        self
+    }
+
     pub fn transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
         t.stream_receive_window(VarInt::from_u32(self.stream_window));
@@ -65,7 +101,7 @@ impl TransportOptions {
         t.keep_alive_interval(Some(self.keep_alive));
         t.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(self.idle_timeout)
-                .unwrap_or(VarInt::from_u32(15_000).into()),
+                .unwrap_or(VarInt::from_u32(3_000).into()),
         ));
         let mut mtu = MtuDiscoveryConfig::default();
         mtu.upper_bound(self.max_udp_payload);
@@ -74,6 +110,14 @@ impl TransportOptions {
         mtu.interval(Duration::from_secs(30));
         mtu.black_hole_cooldown(Duration::from_secs(10));
         t.mtu_discovery_config(Some(mtu));
+        match self.congestion {
+            Congestion::Bbr => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+            }
+            Congestion::Cubic => {
+                t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+            }
+        };
         t
     }
 }
@@ -107,8 +151,28 @@ fn socket(addr: SocketAddr, opts: &TransportOptions) -> Result<std::net::UdpSock
     Ok(s.into())
 }
 
-fn endpoint_config(opts: &TransportOptions) -> EndpointConfig {
-    let mut c = EndpointConfig::default();
+/// With `reset_key` (a server's), the endpoint recognises its own
+/// connection ids and signs its stateless resets the same way after a
+/// restart: both the connection-id check key and the reset key derive from
+/// it. (With per-start random keys a restarted server silently drops the
+/// packets of connections it forgot, and the peer waits for its idle timeout.)
+fn endpoint_config(opts: &TransportOptions, reset_key: Option<[u8; 32]>) -> EndpointConfig {
+    let mut c = match reset_key {
+        Some(k) => {
+            let mut c =
+                EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &k)));
+            let cid_key = u64::from_le_bytes(
+                blake3::derive_key("ferry 2026-11 QUIC connection id key", &k)[..8]
+                    .try_into()
+                    .unwrap_or([0; 8]),
+            );
+            c.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            c
+        }
+        None => EndpointConfig::default(),
+    };
     let _ = c.max_udp_payload_size(opts.max_udp_payload.max(1200));
     c
 }
@@ -129,8 +193,13 @@ pub fn server_endpoint(
         addr,
         source: std::io::Error::other("no async runtime"),
     })?;
-    Endpoint::new(endpoint_config(opts), Some(cfg), sock, runtime)
-        .map_err(|source| EndpointError::Bind { addr, source })
+    Endpoint::new(
+        endpoint_config(opts, Some(auth.reset_key())),
+        Some(cfg),
+        sock,
+        runtime,
+    )
+    .map_err(|source| EndpointError::Bind { addr, source })
 }
 
 /// An endpoint for outgoing connections only.
@@ -143,7 +212,7 @@ pub fn client_endpoint(
         addr: bind,
         source: std::io::Error::other("no async runtime"),
     })?;
-    Endpoint::new(endpoint_config(opts), None, sock, runtime)
+    Endpoint::new(endpoint_config(opts, None), None, sock, runtime)
         .map_err(|source| EndpointError::Bind { addr: bind, source })
 }
 

@@ -27,6 +27,11 @@ pub struct ReplicaConfig {
     pub transport: TransportOptions,
     /// Acknowledge (and fsync the WAL) at most this often.
     pub ack_interval: Duration,
+    /// How long one connection attempt may take before the next one starts
+    /// (a restarted leader is then found within about this long).
+    pub connect_timeout: Duration,
+    /// The longest wait between connection attempts.
+    pub max_backoff: Duration,
 }
 
 impl ReplicaConfig {
@@ -37,6 +42,8 @@ impl ReplicaConfig {
             node_id,
             transport: TransportOptions::default(),
             ack_interval: Duration::from_millis(5),
+            connect_timeout: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -63,6 +70,19 @@ pub struct ReplicaSnapshot {
     pub batches_applied: u64,
     pub reconnects: u64,
     pub last_error: Option<String>,
+    /// Whether a stream to the leader is open now.
+    pub connected: bool,
+    /// When the leader was last heard from (any frame; it sends a heartbeat
+    /// at least every 250 ms), in milliseconds since the Unix epoch.
+    pub last_contact_unix_ms: Option<u64>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Shared, live state of the follower side.
@@ -195,17 +215,24 @@ pub async fn replicate(
         if started.elapsed() > Duration::from_secs(10) {
             backoff = Duration::from_millis(100);
         }
-        tracing::warn!(leader = %cfg.leader, error = %err, retry_in = ?backoff, "replication interrupted");
+        let was_connected = status.snapshot().connected;
+        if was_connected {
+            tracing::warn!(leader = %cfg.leader, error = %err, retry_in = ?backoff, "replication interrupted");
+        } else {
+            tracing::debug!(leader = %cfg.leader, error = %err, retry_in = ?backoff, "leader still unreachable");
+        }
         status.update(|s| {
-            s.reconnects += 1;
+            s.reconnects += u64::from(was_connected);
+            s.connected = false;
             s.last_error = Some(err.to_string());
         });
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(cfg.max_backoff);
     };
+    status.update(|s| s.connected = false);
     endpoint.close(0u32.into(), b"bye");
     end
 }
@@ -217,15 +244,22 @@ async fn stream_once(
     status: &Arc<ReplicaStatus>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), StreamError> {
-    let client = Client::connect(
-        endpoint,
-        cfg.leader,
-        &cfg.auth,
-        &cfg.transport,
-        &cfg.node_id,
-        Role::Follower,
+    let client = tokio::time::timeout(
+        cfg.connect_timeout,
+        Client::connect(
+            endpoint,
+            cfg.leader,
+            &cfg.auth,
+            &cfg.transport,
+            &cfg.node_id,
+            Role::Follower,
+        ),
     )
-    .await?;
+    .await
+    .map_err(|_| ConnectError::Timeout {
+        peer: cfg.leader,
+        after: cfg.connect_timeout,
+    })??;
     let (mut send, mut recv) = client.open().await?;
     let after = store.latest_seq();
     write_frame(&mut send, &Frame::Subscribe { after }).await?;
@@ -234,6 +268,8 @@ async fn stream_once(
         s.state = "catching-up";
         s.applied_seq = after;
         s.leader_seq = s.leader_seq.max(client.latest_seq);
+        s.connected = true;
+        s.last_contact_unix_ms = Some(unix_ms());
     });
     // Acknowledgements run beside the apply loop: an fsync never delays
     // applying the next batch.
@@ -260,6 +296,10 @@ async fn stream_once(
                 return Err(StreamError::Shutdown);
             }
         };
+        if frame.is_some() {
+            let now = unix_ms();
+            status.update(|s| s.last_contact_unix_ms = Some(now));
+        }
         match frame {
             Some(Frame::Batches { batches }) => {
                 // Parse everything before applying anything: bytes from the

@@ -8,6 +8,8 @@
 //! - [`seed`]: the receiving side (verified, parallel, resumable).
 //! - [`replication`], [`follower`]: WAL catch-up and the live stream, both sides.
 //! - [`client`], [`wire`]: connecting, and frames over streams.
+//! - [`netsim`]: a UDP impairment proxy (loss, delay, reordering, blackouts)
+//!   for tests and `ferry bench`.
 //!
 //! Only this crate names quinn types.
 
@@ -16,13 +18,14 @@ pub mod client;
 pub mod endpoint;
 pub mod follower;
 pub mod leader;
+pub mod netsim;
 pub mod protocol;
 pub mod replication;
 pub mod seed;
 pub mod wire;
 
 pub use auth::{ClientAuth, JoinToken, NodeAuth};
-pub use endpoint::TransportOptions;
+pub use endpoint::{Congestion, TransportOptions};
 pub use leader::{Compression, ServeOptions, Server};
 pub use quinn;
 pub use seed::{seed, Progress, SeedConfig, SeedError, SeedReport};

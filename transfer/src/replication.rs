@@ -100,7 +100,14 @@ impl FollowerState {
         if seq > t.acked {
             t.acked = seq;
         }
-        while t.unacked.front().is_some_and(|f| f.0 <= seq) {
+        let now = Instant::now();
+        while let Some(f) = t.unacked.front() {
+            if f.0 > seq {
+                break;
+            }
+            // Commit (send) to durable on the follower.
+            metrics::histogram!("ferry_replication_ack_seconds")
+                .record(now.duration_since(f.1).as_secs_f64());
             t.unacked.pop_front();
         }
     }

@@ -203,7 +203,13 @@ pub struct SeedReport {
     pub bytes_fetched: u64,
     /// Bytes received on the wire for them.
     pub wire_bytes: u64,
-    /// Chunks that were already verified locally and not fetched.
+    /// Chunks that were already verified when the last attempt began:
+    /// fetched by an earlier attempt of this run (before a reconnect) or by
+    /// an earlier, interrupted run.
+    pub chunks_resumed: usize,
+    pub bytes_resumed: u64,
+    /// Chunks taken from this node's own old files (a re-seed) instead of
+    /// the network.
     pub chunks_reused: usize,
     pub bytes_reused: u64,
     /// Chunks that failed verification and were fetched again.
@@ -308,8 +314,10 @@ pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
             chunks_fetched: 0,
             bytes_fetched: 0,
             wire_bytes: 0,
-            chunks_reused: manifest.total_chunks(),
-            bytes_reused: manifest.total_bytes(),
+            chunks_resumed: manifest.total_chunks(),
+            bytes_resumed: manifest.total_bytes(),
+            chunks_reused: 0,
+            bytes_reused: 0,
             chunks_refetched: 0,
             reconnects: 0,
             elapsed_secs: started.elapsed().as_secs_f64(),
@@ -338,7 +346,10 @@ pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
 
 #[derive(Default)]
 struct Tally {
-    first_reused: Option<(usize, u64)>,
+    /// Carried over from durable state when the latest attempt began.
+    resumed: (usize, u64),
+    /// Taken from old local files, over all attempts.
+    reused: (usize, u64),
     chunks_fetched: usize,
     bytes_fetched: u64,
     wire_bytes: u64,
@@ -423,7 +434,9 @@ fn sync_dir(dir: &Path) -> Result<(), SeedError> {
 
 /// Lines up the staging directory with `manifest`: keeps verified chunks
 /// that are still valid, sizes every file, removes files it no longer lists.
-fn reconcile(staging: &Path, manifest: &Manifest) -> Result<Bitmap, SeedError> {
+/// Returns the verified chunks, and how many of them (chunks, bytes) were
+/// carried over from the durable bitmap and were taken from old local files.
+fn reconcile(staging: &Path, manifest: &Manifest) -> Result<(Bitmap, Extent, Extent), SeedError> {
     let old = read_manifest(staging).ok();
     let bits = match &old {
         Some(old) => {
@@ -457,11 +470,33 @@ fn reconcile(staging: &Path, manifest: &Manifest) -> Result<Bitmap, SeedError> {
         file.set_len(f.size).map_err(io("resize", &p))?;
     }
     let mut bits = bits;
+    let carried = verified_extent(manifest, &bits);
     reuse_local_files(staging, manifest, &mut bits)?;
+    let after = verified_extent(manifest, &bits);
     // Bitmap first: it refers to the new manifest's chunk order.
     write_atomic(&staging.join(BITMAP_FILE), bits.as_bytes())?;
     write_atomic(&staging.join(MANIFEST_FILE), &manifest.encode())?;
-    Ok(bits)
+    Ok((bits, carried, (after.0 - carried.0, after.1 - carried.1)))
+}
+
+/// A number of chunks and their bytes.
+type Extent = (usize, u64);
+
+/// How many chunks, and bytes, `bits` marks verified.
+fn verified_extent(manifest: &Manifest, bits: &Bitmap) -> Extent {
+    let mut i = 0;
+    let (mut n, mut bytes) = (0, 0);
+    for f in &manifest.files {
+        for c in 0..f.chunks.len() {
+            if bits.get(i) {
+                let (s, e) = f.chunk_range(c, manifest.chunk_size);
+                n += 1;
+                bytes += e - s;
+            }
+            i += 1;
+        }
+    }
+    (n, bytes)
 }
 
 /// Takes every chunk of the kept-aside old database that matches the new
@@ -583,7 +618,7 @@ async fn seed_once(
     }
     let staging2 = staging.to_path_buf();
     let m2 = Arc::clone(&manifest);
-    let bits = tokio::task::spawn_blocking(move || reconcile(&staging2, &m2))
+    let (bits, carried, local) = tokio::task::spawn_blocking(move || reconcile(&staging2, &m2))
         .await
         .map_err(join_err)??;
     let offsets = chunk_offsets(&manifest);
@@ -600,9 +635,9 @@ async fn seed_once(
         }
     }
     let reused_chunks = bits.count();
-    tally
-        .first_reused
-        .get_or_insert((reused_chunks, reused_bytes));
+    tally.resumed = carried;
+    tally.reused.0 += local.0;
+    tally.reused.1 += local.1;
     tracing::info!(
         seq = manifest.seq,
         files = manifest.files.len(),
@@ -712,7 +747,6 @@ async fn seed_once(
         other => tracing::debug!(?other, "no SeedDone acknowledgement"),
     }
     client.close().await;
-    let (chunks_reused, bytes_reused) = tally.first_reused.unwrap_or_default();
     Ok(SeedReport {
         seq,
         manifest_id: manifest.id().to_string(),
@@ -722,8 +756,10 @@ async fn seed_once(
         chunks_fetched: tally.chunks_fetched,
         bytes_fetched: tally.bytes_fetched,
         wire_bytes: tally.wire_bytes,
-        chunks_reused,
-        bytes_reused,
+        chunks_resumed: tally.resumed.0,
+        bytes_resumed: tally.resumed.1,
+        chunks_reused: tally.reused.0,
+        bytes_reused: tally.reused.1,
         chunks_refetched: tally.refetched,
         reconnects: tally.reconnects,
         elapsed_secs: started.elapsed().as_secs_f64(),
@@ -764,6 +800,7 @@ async fn fetch_chunk(
     let wire = |source| SeedError::Wire { peer, source };
     let mut refetched = 0;
     for attempt in 1..=attempts {
+        let asked = Instant::now();
         let (mut send, mut recv) = conn
             .open_bi()
             .await
@@ -792,6 +829,7 @@ async fn fetch_chunk(
                 }))
             }
         };
+        metrics::histogram!("ferry_seed_chunk_fetch_seconds").record(asked.elapsed().as_secs_f64());
         let wire_len = data.len() as u64;
         let (m, path) = (
             Arc::clone(manifest),

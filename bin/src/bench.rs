@@ -1,0 +1,845 @@
+//! `ferry bench`: the whole job, measured, with real processes.
+//!
+//! A leader (`ferry serve`) on a generated or adopted dataset, a new
+//! follower (`ferry serve --follow`) that seeds over QUIC, catches up and
+//! goes live, and a write load through the leader's HTTP API. Phases:
+//!
+//! 1. idle: the load writes as fast as one client can for a few seconds
+//!    (the leader's idle write rate);
+//! 2. seed: the follower starts; the same load runs during the whole seed
+//!    (the leader's write rate during a seed, against idle), until it is live;
+//! 3. live: the load at `--write-rate`; probes measure the time from a
+//!    write's acknowledgement on the leader to its visibility on the
+//!    follower (lag p50/p99);
+//! 4. catch-up: the follower is paused (SIGSTOP) for a few seconds under the
+//!    load, then resumed; the backlog it applies per second against the
+//!    write rate is the catch-up ratio;
+//! 5. verify: digests at one sequence, under load.
+//!
+//! Peak RSS and CPU seconds per GB seeded come from /proc for each process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+use crate::datagen::{self, Values};
+use crate::{client, util};
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Size of the generated dataset on disk (K, M, G; KiB, MiB, GiB).
+    #[arg(long, env = "FERRY_SIZE", value_parser = util::parse_size, default_value = "256MiB")]
+    size: u64,
+    /// Kind of values of the generated dataset.
+    #[arg(long, env = "FERRY_VALUES", value_enum, default_value_t = Values::Realistic)]
+    values: Values,
+    /// Benchmark a copy of this RocksDB directory instead of generated data
+    /// (SSTs are hard-linked, the rest copied; DIR itself is never written).
+    #[arg(long, env = "FERRY_DATA")]
+    data: Option<PathBuf>,
+    /// Keys per second of the write load in the live and catch-up phases.
+    #[arg(long, env = "FERRY_WRITE_RATE", default_value_t = 5000)]
+    write_rate: u64,
+    /// Seconds of the live phase (lag measurement).
+    #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
+    live_secs: u64,
+    /// Seconds the follower is paused before the catch-up measurement.
+    #[arg(long, env = "FERRY_PAUSE_SECS", default_value_t = 4)]
+    pause_secs: u64,
+    /// Put the leader in a network namespace behind a veth link shaped by
+    /// tbf to this many bits per second (e.g. 1G); needs root and `ip`/`tc`.
+    #[arg(long, env = "FERRY_LINK", value_parser = util::parse_bits)]
+    link: Option<u64>,
+    /// Random loss on the follower's path to the leader, through ferry's
+    /// UDP impairment proxy (e.g. 0.01 for 1%).
+    #[arg(long, env = "FERRY_LOSS")]
+    loss: Option<f64>,
+    /// One-way delay in milliseconds on that path (the RTT is twice this).
+    #[arg(long, env = "FERRY_DELAY_MS")]
+    delay_ms: Option<u64>,
+    /// Extra flags for both `ferry serve` processes (repeatable), e.g.
+    /// `--serve-arg=--compression=always`.
+    #[arg(
+        long = "serve-arg",
+        env = "FERRY_SERVE_ARG",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    serve_args: Vec<String>,
+    /// Work in this directory (kept) instead of a temporary one.
+    #[arg(long, env = "FERRY_WORKDIR")]
+    workdir: Option<PathBuf>,
+    /// Keep the temporary directory.
+    #[arg(long, env = "FERRY_KEEP")]
+    keep: bool,
+    /// Only create the dataset (in WORKDIR/leader) and exit.
+    #[arg(long, env = "FERRY_PREPARE_ONLY", requires = "workdir")]
+    prepare_only: bool,
+    /// Print the results as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Prints phase messages: a spinner on a terminal, plain lines elsewhere
+/// (at most one a second within a phase).
+struct Phases {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    last: parking_lot::Mutex<(String, Instant)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let bar = std::io::IsTerminal::is_terminal(&std::io::stderr()).then(|| {
+            let b = indicatif::ProgressBar::new_spinner();
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            b.enable_steady_tick(Duration::from_millis(120));
+            b
+        });
+        Self {
+            bar,
+            started: Instant::now(),
+            last: parking_lot::Mutex::new((String::new(), Instant::now())),
+        }
+    }
+
+    fn say(&self, msg: impl Into<String>) {
+        let msg = msg.into();
+        match &self.bar {
+            Some(b) => b.set_message(msg),
+            None => {
+                // The phase is the text before a colon.
+                let phase = msg.split(':').next().unwrap_or("").to_owned();
+                let mut last = self.last.lock();
+                if phase != last.0 || last.1.elapsed() >= Duration::from_secs(1) {
+                    eprintln!("[{:>6.1}s] {msg}", self.started.elapsed().as_secs_f64());
+                    *last = (phase, Instant::now());
+                }
+            }
+        }
+    }
+
+    fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn run(args: BenchArgs) -> Result<i32> {
+    if let Some(l) = args.loss {
+        ensure!(
+            (0.0..1.0).contains(&l),
+            crate::config::usage("--loss is a fraction in [0, 1)")
+        );
+    }
+    let mut tmp = None;
+    let root = match &args.workdir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("ferry-bench-")
+                .tempdir()
+                .context("create a temp directory")?;
+            let p = t.path().to_path_buf();
+            tmp = Some(t);
+            p
+        }
+    };
+    let phases = Phases::new();
+    let result = bench(&args, &root, &phases);
+    phases.done();
+    if let (true, Some(t)) = (args.keep, tmp) {
+        eprintln!("kept {}", t.keep().display());
+    }
+    let out = result?;
+    if args.prepare_only {
+        println!("{out}");
+        return Ok(0);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_table(&out);
+    }
+    Ok(if out["verified"] == true { 0 } else { 3 })
+}
+
+fn bench(args: &BenchArgs, root: &Path, phases: &Phases) -> Result<Value> {
+    let leader_dir = root.join("leader");
+    let follower_dir = root.join("follower");
+    for d in [&leader_dir, &follower_dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("clear {}", d.display()))?;
+        }
+    }
+    // 0. The dataset.
+    let t = Instant::now();
+    match &args.data {
+        Some(src) => {
+            phases.say(format!("copying {} (SSTs hard-linked)", src.display()));
+            copy_db(src, &leader_dir)?;
+        }
+        None => {
+            phases.say(format!(
+                "generating {} of {:?} values",
+                util::human_bytes(args.size),
+                args.values
+            ));
+            datagen::generate(&leader_dir, args.values, args.size, 42)?;
+        }
+    }
+    let dataset_bytes = datagen::dir_size(&leader_dir);
+    let gen_secs = t.elapsed().as_secs_f64();
+    if args.prepare_only {
+        return Ok(json!({
+            "dataset": { "path": leader_dir, "bytes": dataset_bytes, "generate_secs": round(gen_secs, 1) },
+            "verified": true,
+        }));
+    }
+
+    // 1. The leader, possibly behind a shaped link.
+    let link = match args.link {
+        Some(rate) => Some(crate::netlink::Link::create("ferry-bench", rate)?),
+        None => None,
+    };
+    let host = link.as_ref().map(|l| l.inner_addr).unwrap_or_else(|| {
+        "127.0.0.1"
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into())
+    });
+    let leader_quic = SocketAddr::new(host, free_port()?);
+    let leader_http = SocketAddr::new(host, free_port()?);
+    let mut leader = Node::spawn(
+        root,
+        "leader",
+        &leader_dir,
+        leader_quic,
+        leader_http,
+        &[],
+        &args.serve_args,
+        link.as_ref().map(|l| l.netns.as_str()),
+    )?;
+    leader.wait_up(Duration::from_secs(120))?;
+    let token = leader_token(&leader_dir)?;
+
+    // The follower reaches the leader directly or through the proxy.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let proxy = if args.loss.is_some() || args.delay_ms.is_some() {
+        let imp = ferry_transfer::netsim::Impairments {
+            loss: args.loss.unwrap_or(0.0),
+            delay: Duration::from_millis(args.delay_ms.unwrap_or(0)),
+            ..Default::default()
+        };
+        Some(rt.block_on(ferry_transfer::netsim::Proxy::start(
+            "127.0.0.1:0".parse()?,
+            leader_quic,
+            imp,
+        ))?)
+    } else {
+        None
+    };
+    let follow = proxy.as_ref().map(|p| p.addr()).unwrap_or(leader_quic);
+
+    // 2. Idle write rate.
+    let load = Load::start(leader_http, None);
+    phases.say("measuring the leader's idle write rate");
+    std::thread::sleep(Duration::from_secs(3));
+    let idle_rate = load.rate_since_mark();
+
+    // 3. The follower seeds, catches up and goes live under the same load.
+    phases.say("seeding the follower");
+    load.mark();
+    let l_cpu0 = leader.cpu_secs();
+    let f_http = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
+    let f_quic = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
+    let seed_started = Instant::now();
+    let mut follower = Node::spawn(
+        root,
+        "follower",
+        &follower_dir,
+        f_quic,
+        f_http,
+        &["--follow", &follow.to_string(), "--token", &token],
+        &args.serve_args,
+        None,
+    )?;
+    follower.wait_up(Duration::from_secs(60))?;
+    let mut seed_report = Value::Null;
+    let mut f_cpu_seed = 0.0;
+    let mut l_cpu_seed = 0.0;
+    let mut seed_rate = 0.0;
+    let to_live = loop {
+        let s = follower.status()?;
+        if seed_report.is_null() && s["last_seed"].is_object() {
+            seed_report = s["last_seed"].clone();
+            seed_rate = load.rate_since_mark();
+            l_cpu_seed = leader.cpu_secs() - l_cpu0;
+            f_cpu_seed = follower.cpu_secs();
+            load.set_rate(Some(args.write_rate));
+            phases.say("catching up");
+        } else if let Some(p) = s["seed"].as_object() {
+            if seed_report.is_null() {
+                phases.say(format!(
+                    "seeding the follower: {} of {}",
+                    util::human_bytes(p["bytes_done"].as_u64().unwrap_or(0)),
+                    util::human_bytes(p["bytes_total"].as_u64().unwrap_or(0))
+                ));
+            }
+        }
+        if s["state"] == "live" && !seed_report.is_null() {
+            break seed_started.elapsed();
+        }
+        if matches!(s["state"].as_str(), Some("diverged" | "stopped")) {
+            bail!("the follower stopped: {}", s["detail"]);
+        }
+        ensure!(
+            seed_started.elapsed() < Duration::from_secs(3600),
+            "the follower was not live within an hour"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let seed_secs = seed_report["elapsed_secs"].as_f64().unwrap_or(0.0);
+    let seed_bytes = seed_report["bytes_total"].as_u64().unwrap_or(0);
+    let gb = seed_bytes as f64 / 1e9;
+
+    // 4. Live: lag under load.
+    phases.say(format!(
+        "live: measuring lag at {} writes/s",
+        args.write_rate
+    ));
+    load.set_rate(Some(args.write_rate));
+    let lags = probe_lag(leader_http, f_http, Duration::from_secs(args.live_secs))?;
+
+    // 5. Catch-up after a pause.
+    phases.say(format!(
+        "catch-up: pausing the follower for {}s under load",
+        args.pause_secs
+    ));
+    let leader_seq0 = seq_of(leader_http)?;
+    let paused = Instant::now();
+    // What it had applied as it stopped (a stopped process answers nothing).
+    let applied_before = seq_of(f_http).ok();
+    follower.signal("STOP")?;
+    std::thread::sleep(Duration::from_secs(args.pause_secs));
+    let backlog_target = seq_of(leader_http)?;
+    let write_seq_rate = (backlog_target - leader_seq0) as f64 / paused.elapsed().as_secs_f64();
+    follower.signal("CONT")?;
+    let applied_before = applied_before.unwrap_or(leader_seq0);
+    let resumed = Instant::now();
+    loop {
+        if seq_of(f_http).unwrap_or(0) >= backlog_target {
+            break;
+        }
+        ensure!(
+            resumed.elapsed() < Duration::from_secs(300),
+            "the follower did not catch up within 5 minutes"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let catchup_secs = resumed.elapsed().as_secs_f64();
+    let applied = backlog_target.saturating_sub(applied_before);
+    let catchup_rate = applied as f64 / catchup_secs.max(1e-9);
+    let catchup_ratio = catchup_rate / write_seq_rate.max(1e-9);
+
+    // 6. Verify at one sequence, under load.
+    phases.say("verifying digests at one sequence");
+    let (verified, _, _) = client::compare(leader_http, f_http, Duration::from_secs(120))?;
+    load.stop();
+
+    let out = json!({
+        "dataset": {
+            "values": if args.data.is_some() { Value::from("adopted") } else { json!(args.values) },
+            "bytes": dataset_bytes,
+            "generate_secs": round(gen_secs, 1),
+        },
+        "link_bits_per_sec": args.link,
+        "loss": args.loss,
+        "delay_ms": args.delay_ms,
+        "seed_bytes": seed_bytes,
+        "seed_secs": round(seed_secs, 3),
+        "seed_bytes_per_sec": (seed_bytes as f64 / seed_secs.max(1e-9)).round(),
+        "seed_wire_bytes": seed_report["wire_bytes"],
+        "time_to_live_secs": round(to_live.as_secs_f64(), 3),
+        "write_rate": args.write_rate,
+        "lag_p50_ms": round(pct(&lags, 0.50), 2),
+        "lag_p99_ms": round(pct(&lags, 0.99), 2),
+        "lag_samples": lags.len(),
+        "catchup_backlog_seqs": applied,
+        "catchup_secs": round(catchup_secs, 3),
+        "catchup_ratio": round(catchup_ratio, 2),
+        "leader_idle_writes_per_sec": idle_rate.round(),
+        "leader_seed_writes_per_sec": seed_rate.round(),
+        "leader_write_ratio": round(seed_rate / idle_rate.max(1e-9), 3),
+        "leader_peak_rss_bytes": leader.peak_rss(),
+        "follower_peak_rss_bytes": follower.peak_rss(),
+        "leader_cpu_secs_per_gb": round(l_cpu_seed / gb.max(1e-9), 2),
+        "follower_cpu_secs_per_gb": round(f_cpu_seed / gb.max(1e-9), 2),
+        "verified": verified,
+    });
+    follower.stop();
+    leader.stop();
+    drop(proxy);
+    drop(link);
+    Ok(out)
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let m = 10f64.powi(digits);
+    (v * m).round() / m
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f64 * p).round() as usize]
+}
+
+fn print_table(o: &Value) {
+    let mb = |k: &str| o[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let rows = [
+        (
+            "dataset",
+            format!(
+                "{} ({})",
+                util::human_bytes(o["dataset"]["bytes"].as_u64().unwrap_or(0)),
+                o["dataset"]["values"].as_str().unwrap_or("?")
+            ),
+        ),
+        (
+            "seed",
+            format!(
+                "{} in {:.2} s = {:.1} MiB/s ({} on the wire)",
+                util::human_bytes(o["seed_bytes"].as_u64().unwrap_or(0)),
+                o["seed_secs"].as_f64().unwrap_or(0.0),
+                mb("seed_bytes_per_sec"),
+                util::human_bytes(o["seed_wire_bytes"].as_u64().unwrap_or(0)),
+            ),
+        ),
+        (
+            "time to live",
+            format!("{:.2} s", o["time_to_live_secs"].as_f64().unwrap_or(0.0)),
+        ),
+        (
+            "leader writes during seed",
+            format!(
+                "{:.0}/s vs {:.0}/s idle = {:.2}x",
+                o["leader_seed_writes_per_sec"].as_f64().unwrap_or(0.0),
+                o["leader_idle_writes_per_sec"].as_f64().unwrap_or(0.0),
+                o["leader_write_ratio"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "lag (write on leader -> visible on follower)",
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms at {} writes/s ({} probes)",
+                o["lag_p50_ms"].as_f64().unwrap_or(0.0),
+                o["lag_p99_ms"].as_f64().unwrap_or(0.0),
+                o["write_rate"],
+                o["lag_samples"]
+            ),
+        ),
+        (
+            "catch-up",
+            format!(
+                "{} seqs in {:.2} s = {:.1}x the write rate",
+                o["catchup_backlog_seqs"],
+                o["catchup_secs"].as_f64().unwrap_or(0.0),
+                o["catchup_ratio"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "peak RSS",
+            format!(
+                "leader {}, follower {}",
+                util::human_bytes(o["leader_peak_rss_bytes"].as_u64().unwrap_or(0)),
+                util::human_bytes(o["follower_peak_rss_bytes"].as_u64().unwrap_or(0))
+            ),
+        ),
+        (
+            "CPU per GB seeded",
+            format!(
+                "leader {:.2} s (with the write load), follower {:.2} s",
+                o["leader_cpu_secs_per_gb"].as_f64().unwrap_or(0.0),
+                o["follower_cpu_secs_per_gb"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "verified",
+            if o["verified"] == true {
+                "digests match at one sequence".to_owned()
+            } else {
+                "MISMATCH".to_owned()
+            },
+        ),
+    ];
+    let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in rows {
+        println!("{k:<w$}  {v}");
+    }
+}
+
+/// A `ferry serve` child process.
+struct Node {
+    child: Option<Child>,
+    http: SocketAddr,
+    log: PathBuf,
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    fn spawn(
+        root: &Path,
+        name: &str,
+        data: &Path,
+        quic: SocketAddr,
+        http: SocketAddr,
+        extra: &[&str],
+        serve_args: &[String],
+        netns: Option<&str>,
+    ) -> Result<Node> {
+        let exe = std::env::current_exe().context("find the ferry binary")?;
+        let log = root.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data)
+            .arg("--listen")
+            .arg(quic.to_string())
+            .arg("--http")
+            .arg(http.to_string())
+            .arg("--node-id")
+            .arg(format!("bench-{name}"))
+            .args(extra)
+            .args(serve_args.iter().filter(|a| !a.is_empty()))
+            .env("FERRY_LOG", "info")
+            .env_remove("FERRY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f);
+        let child = cmd.spawn().context("start ferry serve")?;
+        Ok(Node {
+            child: Some(child),
+            http,
+            log,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn wait_up(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.status().is_ok() {
+                return Ok(());
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!(
+                        "ferry serve exited ({st}); log {}:\n{}",
+                        self.log.display(),
+                        tail(&self.log)
+                    );
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "ferry serve did not come up; log {}",
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn status(&self) -> Result<Value> {
+        client::get_json(
+            &format!("http://{}/v1/status", self.http),
+            Duration::from_secs(10),
+        )
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .context("run kill")?;
+        ensure!(st.success(), "kill -{sig} {} failed", self.pid());
+        Ok(())
+    }
+
+    fn cpu_secs(&self) -> f64 {
+        proc_cpu_secs(self.pid()).unwrap_or(0.0)
+    }
+
+    fn peak_rss(&self) -> u64 {
+        proc_peak_rss(self.pid()).unwrap_or(0)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// User plus system CPU seconds of a process (all its threads).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    static T: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100)
+    })
+}
+
+/// The peak resident set size of a process, in bytes.
+pub fn proc_peak_rss(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn free_port() -> Result<u16> {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+fn leader_token(data: &Path) -> Result<String> {
+    let auth = ferry_transfer::NodeAuth::load_dir(&crate::node::tls_dir(data))?
+        .context("the leader wrote no identity")?;
+    Ok(auth
+        .token()
+        .context("the leader has no join secret")?
+        .to_string())
+}
+
+fn seq_of(http: SocketAddr) -> Result<u64> {
+    let s = client::get_json(&format!("http://{http}/v1/status"), Duration::from_secs(5))?;
+    s["seq"].as_u64().context("no sequence in the status")
+}
+
+/// Copies a RocksDB directory: SSTs hard-linked (they are immutable),
+/// everything else copied.
+fn copy_db(src: &Path, dst: &Path) -> Result<()> {
+    ensure!(
+        src.join("CURRENT").exists(),
+        "{} holds no RocksDB database",
+        src.display()
+    );
+    std::fs::create_dir_all(dst)?;
+    for e in std::fs::read_dir(src).with_context(|| format!("read {}", src.display()))? {
+        let e = e?;
+        if !e.file_type()?.is_file() {
+            continue;
+        }
+        let name = e.file_name();
+        let to = dst.join(&name);
+        let is_sst = name.to_string_lossy().ends_with(".sst");
+        if !(is_sst && std::fs::hard_link(e.path(), &to).is_ok()) {
+            std::fs::copy(e.path(), &to).with_context(|| format!("copy {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A write load through the leader's HTTP API: batches of 100 keys with
+/// realistic values, as fast as one client goes or at a set rate.
+struct Load {
+    stop: Arc<AtomicBool>,
+    /// Keys per second; 0 = as fast as possible.
+    rate: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
+    mark: parking_lot::Mutex<(Instant, u64)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const LOAD_BATCH: u64 = 100;
+
+impl Load {
+    fn start(http: SocketAddr, rate: Option<u64>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let rate_a = Arc::new(AtomicU64::new(rate.unwrap_or(0)));
+        let written = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, rate, written) =
+                (Arc::clone(&stop), Arc::clone(&rate_a), Arc::clone(&written));
+            std::thread::spawn(move || {
+                let agent = client::agent(Duration::from_secs(30));
+                let url = format!("http://{http}/v1/batch");
+                let mut rng = StdRng::seed_from_u64(7);
+                let mut n = 0u64;
+                let mut paced_from = (Instant::now(), 0u64, 0u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let ops: Vec<Value> = (0..LOAD_BATCH)
+                        .map(|i| {
+                            let v = datagen::realistic_value(&mut rng, n + i, 200);
+                            json!({"op": "put", "key": format!("load:{:016x}", rng.random::<u64>()), "value": String::from_utf8_lossy(&v)})
+                        })
+                        .collect();
+                    let ok = agent
+                        .post(&url)
+                        .send_json(json!({ "ops": ops }))
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                    if !ok {
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    }
+                    n += LOAD_BATCH;
+                    written.store(n, Ordering::Relaxed);
+                    let r = rate.load(Ordering::Relaxed);
+                    if r != paced_from.2 {
+                        paced_from = (Instant::now(), n, r);
+                    }
+                    if r > 0 {
+                        let due = paced_from.0
+                            + Duration::from_secs_f64((n - paced_from.1) as f64 / r as f64);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                }
+            })
+        };
+        Load {
+            stop,
+            rate: rate_a,
+            written,
+            mark: parking_lot::Mutex::new((Instant::now(), 0)),
+            thread: Some(thread),
+        }
+    }
+
+    fn set_rate(&self, rate: Option<u64>) {
+        self.rate.store(rate.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn mark(&self) {
+        *self.mark.lock() = (Instant::now(), self.written.load(Ordering::Relaxed));
+    }
+
+    /// Keys per second since the last mark.
+    fn rate_since_mark(&self) -> f64 {
+        let (t, n) = *self.mark.lock();
+        (self.written.load(Ordering::Relaxed) - n) as f64 / t.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Writes a probe key on the leader every 10 ms and times how long until
+/// the follower serves it (`min_seq` wakes on apply, not by polling).
+fn probe_lag(leader: SocketAddr, follower: SocketAddr, dur: Duration) -> Result<Vec<f64>> {
+    let agent = client::agent(Duration::from_secs(10));
+    let mut lags = Vec::new();
+    let end = Instant::now() + dur;
+    let mut i = 0u64;
+    while Instant::now() < end {
+        i += 1;
+        let mut r = agent
+            .put(&format!("http://{leader}/v1/kv/probe:{i}"))
+            .send(format!("probe {i}").as_bytes())
+            .context("probe write")?;
+        let acked = Instant::now();
+        let seq = r.body_mut().read_json::<Value>()?["seq"]
+            .as_u64()
+            .context("no seq in the write's reply")?;
+        let g = agent
+            .get(&format!(
+                "http://{follower}/v1/kv/probe:{i}?min_seq={seq}&timeout_ms=10000"
+            ))
+            .call()
+            .context("probe read")?;
+        ensure!(
+            g.status().is_success(),
+            "the follower did not serve the probe: HTTP {}",
+            g.status()
+        );
+        lags.push(acked.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(lags)
+}
