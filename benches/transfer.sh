@@ -104,8 +104,9 @@ cp_local() { cp -a "$SRC/." "$WORK/dst/"; }
 
 # Busy CPU seconds of the whole machine (all cores), from /proc/stat.
 machine_cpu() { awk '/^cpu /{printf "%.2f", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
-# CPU seconds of this shell's finished children (user + system).
-children_cpu() { times | awk 'NR==2{split($1,u,"m");split($2,s,"m");printf "%.2f", u[1]*60+u[2]+s[1]*60+s[2]}'; }
+# CPU seconds of this shell's finished children (user + system). `times`
+# must run in this shell, not in a $(...) subshell that has no children.
+children_cpu_to() { times > "$WORK/times"; awk 'NR==2{split($1,u,"m");split($2,s,"m");printf "%.2f", u[1]*60+u[2]+s[1]*60+s[2]}' "$WORK/times" > "$1"; }
 
 check_copy() { # the copy must hold every byte of the source
   local got
@@ -118,9 +119,10 @@ timed() { # key command...
   local key=$1; shift
   rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
   local t0 t1 m0 m1 c0 c1
-  m0=$(machine_cpu); c0=$(children_cpu); t0=$(date +%s.%N)
+  m0=$(machine_cpu); children_cpu_to "$WORK/c0"; t0=$(date +%s.%N)
   "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { echo "$key failed:" >&2; cat "$WORK/last.err" >&2; exit 1; }
-  t1=$(date +%s.%N); c1=$(children_cpu); m1=$(machine_cpu)
+  t1=$(date +%s.%N); children_cpu_to "$WORK/c1"; m1=$(machine_cpu)
+  c0=$(cat "$WORK/c0"); c1=$(cat "$WORK/c1")
   check_copy "$key"
   local secs client total
   secs=$(echo "$t1 - $t0" | bc)

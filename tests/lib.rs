@@ -46,9 +46,14 @@ pub fn copy_files(src: &Path, dst: &Path) {
 
 /// The `ferry` binary of this build (target/<profile>/ferry).
 pub fn ferry_bin() -> PathBuf {
+    // Tests run from target/release/deps, benchmark binaries from target/release.
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir.join("ferry");
+    let here = exe.parent().expect("exe dir");
+    let bin = [here, here.parent().unwrap_or(here)]
+        .iter()
+        .map(|d| d.join("ferry"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| here.join("ferry"));
     assert!(
         bin.exists(),
         "{} is missing: build it with `cargo build --release -p ferry`",

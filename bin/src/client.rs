@@ -65,6 +65,15 @@ pub fn status(http: SocketAddr, json: bool) -> Result<i32> {
             .unwrap_or_default()
     );
     println!("sequence   {}", v("seq"));
+    if let Some(h) = s["history"].as_object() {
+        println!(
+            "history    {}{}",
+            h.get("id").and_then(|v| v.as_str()).unwrap_or("?"),
+            h.get("start")
+                .map(|st| format!(" (began after {st})"))
+                .unwrap_or_default()
+        );
+    }
     println!("oldest WAL {}", v("oldest_wal_seq"));
     if s["role"] == "follower" {
         let r = &s["replica"];

@@ -66,6 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         serve: ServeOptions::default(),
         reseed_backoff: Duration::from_secs(5),
         transport: ferry_transfer::TransportOptions::default(),
+        on_divergence: node::OnDivergence::Reseed,
     };
     let leader = node::start(base(&leader_dir, "leader")).await?;
     let leader_http = http::serve(Arc::clone(&leader), local).await?;

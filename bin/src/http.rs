@@ -445,6 +445,12 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "reseeds": node.reseeds.load(Ordering::SeqCst),
         "seeds_served": server.as_ref().map(|s| s.stats.seeds_completed.load(Ordering::Relaxed)),
         "seeds_active": server.as_ref().map(|s| s.active_seeds()),
+        "divergences": node.divergences.load(Ordering::SeqCst),
+        "history": node.history.read().as_ref().map(|h| json!({
+            "id": h.current().id.to_string(),
+            "start": h.current().start,
+            "terms": h.terms,
+        })).or_else(|| node.replica.snapshot().history.map(|id| json!({ "id": id }))),
     })
 }
 
@@ -579,6 +585,10 @@ async fn metrics(State(node): State<Shared>) -> Response {
         g("ferry_latest_seq", store.latest_seq() as f64);
     }
     c("ferry_reseeds_total", node.reseeds.load(Ordering::SeqCst));
+    c(
+        "ferry_divergences_total",
+        node.divergences.load(Ordering::SeqCst),
+    );
     g("ferry_up_seconds", node.started.elapsed().as_secs_f64());
     if let Some(s) = node.server() {
         let st = &s.stats;

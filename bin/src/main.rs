@@ -215,6 +215,16 @@ struct ServeArgs {
     /// random loss; cubic (TCP's) yields more to competing flows.
     #[arg(long, env = "FERRY_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
     congestion: CongestionArg,
+    /// What a follower does when its leader refuses it as diverged (it holds
+    /// writes the leader does not): re-seed to the leader's content, reusing
+    /// matching local files, or stop and stay `diverged`.
+    #[arg(long, env = "FERRY_ON_DIVERGENCE", value_enum, default_value_t = node::OnDivergence::Reseed)]
+    on_divergence: node::OnDivergence,
+    /// Ship writes to followers before the leader's WAL is synced. Lower
+    /// write latency, but after a power cut followers can hold writes the
+    /// leader lost; they are then refused as diverged and re-seeded.
+    #[arg(long, env = "FERRY_SHIP_UNSYNCED")]
+    ship_unsynced: bool,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -444,6 +454,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         store: StoreOptions {
             wal_ttl_seconds: args.wal_ttl_secs,
             wal_size_limit_mb: args.wal_size_limit_mb,
+            durable_shipping: !args.ship_unsynced,
             ..StoreOptions::default()
         },
         serve: ServeOptions {
@@ -455,6 +466,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         },
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
         transport: args.congestion.transport(args.peer_timeout_ms),
+        on_divergence: args.on_divergence,
     };
     http::init_metrics();
     let node = node::start(cfg).await?;

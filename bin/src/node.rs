@@ -44,6 +44,17 @@ pub struct NodeConfig {
     /// QUIC settings (windows, keep-alive and idle timeout) of every
     /// connection this node makes or accepts.
     pub transport: TransportOptions,
+    /// What a follower does when the leader refuses it as diverged.
+    pub on_divergence: OnDivergence,
+}
+
+/// What a diverged follower does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDivergence {
+    /// Re-seed from the leader, reusing every local file whose hash matches.
+    Reseed,
+    /// Stop replicating and stay `diverged` until an operator acts.
+    Stop,
 }
 
 /// Where a node is in its life.
@@ -102,6 +113,11 @@ pub struct Node {
     pub last_seed: Mutex<Option<ferry_transfer::SeedReport>>,
     server: RwLock<Option<Arc<Server>>>,
     pub reseeds: AtomicU64,
+    /// Times the leader refused this follower as diverged.
+    pub divergences: AtomicU64,
+    /// The replication history (a leader's own; a follower's copy of its
+    /// leader's).
+    pub history: RwLock<Option<ferry_engine::History>>,
     pub quic_addr: RwLock<Option<SocketAddr>>,
     pub http_addr: RwLock<Option<SocketAddr>>,
     pub started: Instant,
@@ -229,6 +245,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>> {
         last_seed: Mutex::new(None),
         server: RwLock::new(None),
         reseeds: AtomicU64::new(read_persisted(&cfg.data).map(|p| p.reseeds).unwrap_or(0)),
+        divergences: AtomicU64::new(0),
+        history: RwLock::new(None),
         quic_addr: RwLock::new(None),
         http_addr: RwLock::new(None),
         started: Instant::now(),
@@ -261,7 +279,32 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
     let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
         .await?
         .with_context(|| format!("open the store in {}", cfg.data.display()))?;
+    // The history: this leader's term, a new one when this node followed
+    // another before (it was promoted by being started as a leader).
+    let was_follower = read_persisted(&cfg.data).is_some_and(|p| p.leader.is_some());
+    let history = {
+        let (data, latest) = (cfg.data.clone(), store.latest_seq());
+        tokio::task::spawn_blocking(move || -> Result<ferry_engine::History> {
+            let mut h = match ferry_engine::History::load(&data)? {
+                Some(h) if !was_follower => h,
+                Some(mut h) => {
+                    h.begin_term(latest);
+                    h
+                }
+                None => ferry_engine::History::new(latest),
+            };
+            if h.terms.is_empty() {
+                h = ferry_engine::History::new(latest);
+            }
+            h.save(&data)?;
+            Ok(h)
+        })
+        .await??
+    };
+    tracing::info!(history = %history.current().id, start = history.current().start, "replication history");
     let replication = Replication::new(store.clone(), ReplicationOptions::default());
+    replication.set_history(history.clone());
+    *node.history.write() = Some(history);
     let _ = node.replication.set(Arc::clone(&replication));
     *node.store.write() = Some(store.clone());
     let (endpoint, server) = serve_quic(&node, &store, auth)?;
@@ -361,6 +404,8 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             );
             let source = cfg.seed_from.unwrap_or(leader);
             let auth = follower_client_auth(&cfg)?;
+            // What this node proved it held no longer applies after a seed.
+            ferry_transfer::follower::forget_proof(&cfg.data);
             let mut sc = SeedConfig::new(&cfg.data, source, auth);
             sc.node_id = cfg.node_id.clone();
             sc.role = WireRole::Follower;
@@ -466,10 +511,41 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         match end {
             ReplicationEnd::Shutdown => break,
             ReplicationEnd::Diverged { message } => {
-                tracing::error!(%message, "replication stopped: this follower diverged from the leader");
-                node.set_state(NodeState::Diverged, Some(message));
-                let _ = shutdown.wait_for(|s| *s).await;
-                break;
+                node.divergences.fetch_add(1, Ordering::SeqCst);
+                node.set_state(NodeState::Diverged, Some(message.clone()));
+                if cfg.on_divergence == OnDivergence::Stop {
+                    tracing::error!(%message, "replication stopped: this follower diverged from the leader (--on-divergence stop)");
+                    // Keep serving reads of what it holds, for the operator.
+                    let (data, opts) = (cfg.data.clone(), cfg.store.clone());
+                    if let Ok(Ok(store)) =
+                        tokio::task::spawn_blocking(move || Store::open(&data, opts)).await
+                    {
+                        store.set_follower(true);
+                        *node.store.write() = Some(store);
+                    }
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    *node.store.write() = None;
+                    break;
+                }
+                let last = read_persisted(&cfg.data)
+                    .map(|p| p.last_reseed_unix)
+                    .unwrap_or(0);
+                let n = node.note_reseed();
+                let recent = unix_now().saturating_sub(last) < 600;
+                let wait = if recent && n > 1 {
+                    reseed_wait
+                } else {
+                    Duration::ZERO
+                };
+                tracing::error!(%message, reseeds = n, wait_secs = wait.as_secs_f64(), "this follower diverged from the leader: re-seeding to the leader's content, reusing local files");
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = shutdown.wait_for(|s| *s) => break,
+                    }
+                    reseed_wait = (reseed_wait * 2).min(Duration::from_secs(600));
+                }
+                reseed = true;
             }
             ReplicationEnd::WalPurged { message } => {
                 let last = read_persisted(&cfg.data)

@@ -13,16 +13,18 @@
 pub mod batch;
 pub mod error;
 pub mod feed;
+pub mod history;
 pub mod manifest;
 pub mod store;
 
 pub use batch::{Batch, Op, RawBatch};
 pub use error::{DivergenceError, Error, Result, Seq};
 pub use feed::{Feed, FeedBehind, FeedLimits};
+pub use history::{History, HistoryId, HistoryMismatch, Term};
 pub use manifest::{
     FileEntry, FileKind, FileName, Hash, HashCache, HashStats, Manifest, ManifestId,
 };
 pub use store::{
-    ferry_dir, list_checkpoints, seed_dir, CheckpointInfo, Digest, Scan, SeqRange, Store,
-    StoreOptions, WalIter, FERRY_DIR,
+    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, Digest, Scan, SeqRange,
+    Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
 };

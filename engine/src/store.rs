@@ -56,6 +56,12 @@ pub struct StoreOptions {
     pub wal_size_limit_mb: u64,
     /// fsync the WAL on every write.
     pub sync_writes: bool,
+    /// Publish a leader's writes to the feed (and so to followers) only
+    /// once the WAL holding them is synced. One sync covers every write
+    /// that arrived meanwhile (group commit), and a write returns after it.
+    /// Without it a power cut can leave followers with writes the leader
+    /// lost.
+    pub durable_shipping: bool,
     /// Bounds of the in-memory live feed.
     pub feed: FeedLimits,
     /// Chunk size of the manifests this store builds.
@@ -70,6 +76,7 @@ impl Default for StoreOptions {
             wal_ttl_seconds: 6 * 3600,
             wal_size_limit_mb: 8 * 1024,
             sync_writes: false,
+            durable_shipping: true,
             feed: FeedLimits::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
         }
@@ -126,6 +133,103 @@ struct Inner {
     write_lock: Mutex<()>,
     feed: Feed,
     hash_cache: Mutex<HashCache>,
+    /// Written, not yet synced, so not yet published (durable shipping).
+    pending: Mutex<std::collections::VecDeque<RawBatch>>,
+    /// Held by the one thread that syncs the WAL for a group of writes.
+    sync_lock: Mutex<()>,
+    /// Everything up to here is synced and published.
+    durable: std::sync::atomic::AtomicU64,
+    /// The last write or applied group: what a follower proves it holds.
+    last_write: Mutex<Option<WriteId>>,
+}
+
+/// One RocksDB write (a client batch on a leader, an applied group of the
+/// leader's batches on a follower): its sequence range and a hash of its
+/// records. A follower proves to a leader that it holds the leader's
+/// history by the [`WriteId`] of its last write; the leader recomputes the
+/// hash over its own batches in that range ([`Store::range_hash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct WriteId {
+    pub first: Seq,
+    pub last: Seq,
+    #[serde(with = "hex_array")]
+    pub hash: [u8; 32],
+}
+
+mod hex_array {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = String::deserialize(d)?;
+        hex::decode(&s)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| serde::de::Error::custom("not 32 hex bytes"))
+    }
+}
+
+/// Hashes the records of consecutive batches covering `first..=last`.
+struct RangeHasher {
+    h: blake3::Hasher,
+    first: Seq,
+    next: Seq,
+}
+
+impl RangeHasher {
+    fn new(first: Seq) -> Self {
+        Self {
+            h: blake3::Hasher::new(),
+            first,
+            next: first,
+        }
+    }
+
+    /// Adds the records of a batch (or a group) of `count` operations
+    /// starting at `first`; `data` is its RocksDB serialization.
+    fn add(&mut self, first: Seq, count: u32, data: &[u8]) -> bool {
+        if first != self.next {
+            return false;
+        }
+        self.h
+            .update(data.get(crate::batch::HEADER_LEN..).unwrap_or(&[]));
+        self.next = first + u64::from(count);
+        true
+    }
+
+    fn finish(&self) -> WriteId {
+        let last = self.next - 1;
+        let mut h = self.h.clone();
+        h.update(&self.first.to_le_bytes());
+        h.update(&last.to_le_bytes());
+        WriteId {
+            first: self.first,
+            last,
+            hash: *h.finalize().as_bytes(),
+        }
+    }
+}
+
+/// Writes `data` to `path` atomically and durably: a temporary file beside
+/// it, fsync, rename, fsync of the directory. A crash leaves the old file
+/// or the new one, never a mix.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    f.write_all(data).map_err(io("write", &tmp))?;
+    f.sync_all().map_err(io("sync", &tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", dir))?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Store {
@@ -202,6 +306,10 @@ impl Store {
                 write_lock: Mutex::new(()),
                 feed,
                 hash_cache: Mutex::new(hash_cache),
+                pending: Mutex::new(std::collections::VecDeque::new()),
+                sync_lock: Mutex::new(()),
+                durable: std::sync::atomic::AtomicU64::new(latest),
+                last_write: Mutex::new(None),
             }),
         }
     }
@@ -263,7 +371,8 @@ impl Store {
         }
         let count = wb.len() as u32;
         let data = Bytes::copy_from_slice(wb.data());
-        let _g = self.inner.write_lock.lock();
+        let durable = self.inner.opts.durable_shipping && !self.inner.opts.sync_writes;
+        let g = self.inner.write_lock.lock();
         let before = self.latest_seq();
         self.inner
             .db
@@ -280,10 +389,131 @@ impl Store {
                 "sequence moved by a write outside ferry"
             );
         }
-        self.inner
-            .feed
-            .publish(RawBatch::from_trusted(first, count, data));
+        let mut id = RangeHasher::new(first);
+        id.add(first, count, &data);
+        *self.inner.last_write.lock() = Some(id.finish());
+        let raw = RawBatch::from_trusted(first, count, data);
+        if durable {
+            self.inner.pending.lock().push_back(raw);
+            drop(g);
+            self.wait_durable(last)?;
+        } else {
+            self.inner.feed.publish(raw);
+            self.inner.durable.store(last, Ordering::SeqCst);
+        }
         Ok(SeqRange { first, last })
+    }
+
+    /// Returns once the WAL is synced up to `last` and the batches up to it
+    /// are published (group commit: whoever syncs takes every write
+    /// committed so far, so one fsync serves all writers waiting meanwhile).
+    fn wait_durable(&self, last: Seq) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            if inner.durable.load(Ordering::SeqCst) >= last {
+                return Ok(());
+            }
+            let _sync = inner.sync_lock.lock();
+            if inner.durable.load(Ordering::SeqCst) >= last {
+                return Ok(());
+            }
+            // Everything committed so far, in commit order.
+            let group: Vec<RawBatch> = {
+                let _w = inner.write_lock.lock();
+                inner.pending.lock().drain(..).collect()
+            };
+            let Some(target) = group.last().map(RawBatch::last) else {
+                continue;
+            };
+            if let Err(e) = inner.db.flush_wal(true) {
+                // Not durable, so not shipped: put the group back for the
+                // next attempt, in front of anything written since.
+                let mut p = inner.pending.lock();
+                for b in group.into_iter().rev() {
+                    p.push_front(b);
+                }
+                return Err(rocks(&inner.path)(e));
+            }
+            for b in group {
+                inner.feed.publish(b);
+            }
+            inner.durable.store(target, Ordering::SeqCst);
+        }
+    }
+
+    /// The last write (leader) or applied group (follower) of this handle,
+    /// if any since it was opened.
+    pub fn last_write(&self) -> Option<WriteId> {
+        *self.inner.last_write.lock()
+    }
+
+    /// The [`WriteId`] of this store's batches covering exactly
+    /// `first..=last`: from the feed when it still holds them, else from the
+    /// WAL. `Ok(None)` when neither does (the WAL was purged); an error when
+    /// no batch starts at `first` or none ends at `last`.
+    pub fn range_hash(&self, first: Seq, last: Seq) -> Result<Option<WriteId>> {
+        if first == 0 || last < first || last > self.latest_seq() {
+            return Err(Error::Malformed {
+                what: "write range",
+                reason: format!("{first}..={last} is not a range of this store"),
+            });
+        }
+        let mut h = RangeHasher::new(first);
+        if let Ok(batches) = self.inner.feed.read_after(first - 1, usize::MAX) {
+            for b in batches {
+                if b.first() > last {
+                    break;
+                }
+                h.add(b.first(), b.count(), b.data());
+            }
+            if h.next == last + 1 {
+                return Ok(Some(h.finish()));
+            }
+            h = RangeHasher::new(first);
+        }
+        let iter = match self.wal_since(first - 1) {
+            Ok(it) => it,
+            Err(Error::WalPurged { .. }) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        for b in iter {
+            let b = match b {
+                Ok(b) => b,
+                Err(Error::WalPurged { .. }) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if b.first() > last {
+                break;
+            }
+            h.add(b.first(), b.count(), b.data());
+            if h.next > last {
+                break;
+            }
+        }
+        if h.next != last + 1 {
+            return Err(Error::Malformed {
+                what: "write range",
+                reason: format!(
+                    "this store's batches do not end at {last} (the one covering it ends at {})",
+                    h.next - 1
+                ),
+            });
+        }
+        Ok(Some(h.finish()))
+    }
+
+    /// The [`WriteId`] of the last write in this store's WAL after
+    /// `after` (a boundary of a write): how a restarted follower finds what
+    /// it last applied. `None` when the WAL holds nothing after it.
+    pub fn last_write_after(&self, after: Seq) -> Result<Option<WriteId>> {
+        let mut last = None;
+        for b in self.wal_since(after)? {
+            let b = b?;
+            let mut h = RangeHasher::new(b.first());
+            h.add(b.first(), b.count(), b.data());
+            last = Some(h.finish());
+        }
+        Ok(last)
     }
 
     pub fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<SeqRange> {
@@ -333,7 +563,11 @@ impl Store {
             }
             .into());
         }
+        let mut id = RangeHasher::new(batch.first());
+        id.add(batch.first(), batch.count(), batch.data());
+        *self.inner.last_write.lock() = Some(id.finish());
         self.inner.feed.publish(batch.clone());
+        self.inner.durable.store(now, Ordering::SeqCst);
         Ok(())
     }
 
@@ -392,9 +626,15 @@ impl Store {
             }
             .into());
         }
+        let mut id = RangeHasher::new(batches[0].first());
+        for b in batches {
+            id.add(b.first(), b.count(), b.data());
+        }
+        *self.inner.last_write.lock() = Some(id.finish());
         for b in batches {
             self.inner.feed.publish(b.clone());
         }
+        self.inner.durable.store(now, Ordering::SeqCst);
         Ok(())
     }
 

@@ -99,6 +99,11 @@ impl TransportOptions {
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         t.keep_alive_interval(Some(self.keep_alive));
+        // quinn assumes 333 ms before it has measured the path; a lost first
+        // Initial (a peer that is just coming back) is then retried after
+        // about a second. Assume 100 ms: retries come sooner, and a real
+        // WAN's RTT replaces the guess after the first round trip.
+        t.initial_rtt(Duration::from_millis(100));
         t.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(self.idle_timeout)
                 .unwrap_or(VarInt::from_u32(3_000).into()),

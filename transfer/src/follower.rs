@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_engine::{Digest, Error as EngineError, RawBatch, Seq, Store};
+use ferry_engine::{
+    Digest, Error as EngineError, History, HistoryId, RawBatch, Seq, Store, Term, WriteId,
+};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -72,6 +74,8 @@ pub struct ReplicaSnapshot {
     pub last_error: Option<String>,
     /// Whether a stream to the leader is open now.
     pub connected: bool,
+    /// The leader's current history id, as last received.
+    pub history: Option<String>,
     /// When the leader was last heard from (any frame; it sends a heartbeat
     /// at least every 250 ms), in milliseconds since the Unix epoch.
     pub last_contact_unix_ms: Option<u64>,
@@ -202,6 +206,10 @@ pub async fn replicate(
                 }
             }
             Err(StreamError::Refused {
+                code: ErrorCode::Diverged,
+                message,
+            }) => break ReplicationEnd::Diverged { message },
+            Err(StreamError::Refused {
                 code: ErrorCode::Protocol,
                 message,
             }) if message.contains("diverged") => break ReplicationEnd::Diverged { message },
@@ -212,10 +220,14 @@ pub async fn replicate(
             }
             Err(e) => e,
         };
-        if started.elapsed() > Duration::from_secs(10) {
+        let was_connected = status.snapshot().connected;
+        // A stream that ran a while is a fresh start; quick failures back
+        // off. Attempts begin at most every `backoff`: an attempt that
+        // itself timed out waits no longer.
+        let ran = started.elapsed();
+        if was_connected && ran >= Duration::from_secs(1) {
             backoff = Duration::from_millis(100);
         }
-        let was_connected = status.snapshot().connected;
         if was_connected {
             tracing::warn!(leader = %cfg.leader, error = %err, retry_in = ?backoff, "replication interrupted");
         } else {
@@ -227,7 +239,7 @@ pub async fn replicate(
             s.last_error = Some(err.to_string());
         });
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.saturating_sub(ran)) => {}
             _ = shutdown.changed() => {}
         }
         backoff = (backoff * 2).min(cfg.max_backoff);
@@ -261,9 +273,30 @@ async fn stream_once(
         after: cfg.connect_timeout,
     })??;
     let (mut send, mut recv) = client.open().await?;
-    let after = store.latest_seq();
-    write_frame(&mut send, &Frame::Subscribe { after }).await?;
-    tracing::info!(leader = %cfg.leader, after, "subscribed");
+    // What this follower holds: the term it followed and its last write,
+    // for the leader to check before it sends anything.
+    let s2 = store.clone();
+    let (after, history, proof) = tokio::task::spawn_blocking(move || {
+        let history = History::load(s2.path()).ok().flatten();
+        (s2.latest_seq(), history, local_proof(&s2))
+    })
+    .await
+    .map_err(|e| {
+        StreamError::Apply(EngineError::Malformed {
+            what: "store task",
+            reason: e.to_string(),
+        })
+    })?;
+    write_frame(
+        &mut send,
+        &Frame::Subscribe {
+            after,
+            history: history.as_ref().map(|h| h.current().id.0),
+            proof: proof.map(|w| (w.first, w.hash)),
+        },
+    )
+    .await?;
+    tracing::info!(leader = %cfg.leader, after, history = %history.as_ref().map(|h| h.current().id.to_string()).unwrap_or_default(), proof = proof.is_some(), "subscribed");
     status.update(|s| {
         s.state = "catching-up";
         s.applied_seq = after;
@@ -292,6 +325,9 @@ async fn stream_once(
             _ = shutdown.changed() => {
                 let applied = store.latest_seq();
                 let _ = on_store(store, |s| s.sync_wal()).await;
+                if let Some(w) = store.last_write() {
+                    let _ = on_store(store, move |s| save_proof(s, &w)).await;
+                }
                 tracing::info!(applied, "replication stopped for shutdown");
                 return Err(StreamError::Shutdown);
             }
@@ -325,6 +361,26 @@ async fn stream_once(
                 });
             }
             Some(Frame::Mark { seq }) => status.start_digest(store, seq),
+            Some(Frame::History { terms }) => {
+                let h = History {
+                    terms: terms
+                        .into_iter()
+                        .map(|(id, start)| Term {
+                            id: HistoryId(id),
+                            start,
+                        })
+                        .collect(),
+                };
+                status.update(|s| s.history = Some(h.current().id.to_string()));
+                let data = store.path().to_path_buf();
+                on_store(store, move |_| {
+                    if History::load(&data).ok().flatten().as_ref() != Some(&h) {
+                        h.save(&data)?;
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
             Some(Frame::Error { code, message }) => {
                 return Err(StreamError::Refused { code, message })
             }
@@ -376,6 +432,7 @@ async fn ack_loop(
     status: Arc<ReplicaStatus>,
 ) -> Result<(), StreamError> {
     let mut news = store.feed().subscribe();
+    let mut saved = Instant::now() - Duration::from_secs(1);
     loop {
         let _ = tokio::time::timeout(Duration::from_millis(500), news.changed()).await;
         tokio::time::sleep(interval).await;
@@ -387,6 +444,14 @@ async fn ack_loop(
         write_frame(&mut send, &Frame::Applied { seq: applied }).await?;
         acked = applied;
         status.update(|s| s.acked_seq = applied);
+        // Remember the last write, so a restarted follower can prove what
+        // it holds (the WAL supplies anything applied after it).
+        if saved.elapsed() >= Duration::from_secs(1) {
+            saved = Instant::now();
+            if let Some(w) = store.last_write() {
+                on_store(&store, move |s| save_proof(s, &w)).await?;
+            }
+        }
     }
 }
 
@@ -426,3 +491,55 @@ pub async fn enroll(
 #[derive(Debug, thiserror::Error)]
 #[error("enrollment failed: {0}")]
 pub struct EnrollError(pub String);
+
+/// Where a follower remembers its last write.
+fn proof_path(store: &Store) -> std::path::PathBuf {
+    ferry_engine::ferry_dir(store.path()).join("replica.json")
+}
+
+fn save_proof(store: &Store, w: &WriteId) -> Result<(), EngineError> {
+    let b = serde_json::to_vec(&serde_json::json!({ "last_write": w })).map_err(|e| {
+        EngineError::Malformed {
+            what: "replica.json",
+            reason: e.to_string(),
+        }
+    })?;
+    ferry_engine::write_atomic(&proof_path(store), &b)
+}
+
+/// Forgets what this follower held (before a seed replaces it).
+pub fn forget_proof(data: &std::path::Path) {
+    let _ = std::fs::remove_file(ferry_engine::ferry_dir(data).join("replica.json"));
+    let _ = std::fs::remove_file(ferry_engine::ferry_dir(data).join("history.json"));
+}
+
+/// The last write this follower holds, ending at its latest sequence: from
+/// memory, or from `replica.json` plus the WAL after it. `None` when it is
+/// not known (a fresh seed), and the leader then checks the history alone.
+fn local_proof(store: &Store) -> Option<WriteId> {
+    let latest = store.latest_seq();
+    if let Some(w) = store.last_write().filter(|w| w.last == latest) {
+        return Some(w);
+    }
+    let b = std::fs::read(proof_path(store)).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
+    let saved: WriteId = serde_json::from_value(v.get("last_write")?.clone()).ok()?;
+    if saved.last == latest {
+        return Some(saved);
+    }
+    if saved.last > latest {
+        tracing::warn!(
+            saved = saved.last,
+            latest,
+            "the remembered last write is past this store's sequence"
+        );
+        return None;
+    }
+    match store.last_write_after(saved.last) {
+        Ok(Some(w)) if w.last == latest => Some(w),
+        other => {
+            tracing::warn!(saved = saved.last, latest, found = ?other, "cannot find this store's last write in its WAL");
+            None
+        }
+    }
+}

@@ -22,8 +22,10 @@
 //! chunk streams (one bi stream per chunk, only after Welcome):
 //!   C: ChunkRequest     S: ChunkReply | Error
 //! replication stream (after Welcome):
-//!   C: Subscribe        S: (Batches | Heartbeat | Mark)*   C: Applied*
+//!   C: Subscribe        S: History (Batches | Heartbeat | Mark)*   C: Applied*
 //!                       S: Error(WalPurged) when the WAL no longer has it
+//!                       S: Error(Diverged) when the follower's history or
+//!                          last write is not the leader's
 //! enrollment (on the control stream, token-authenticated followers):
 //!   C: CertRequest      S: CertReply | Error
 //! ```
@@ -39,7 +41,7 @@ use ferry_engine::Seq;
 /// The ALPN of ferry's protocol.
 pub const ALPN: &[u8] = b"ferry/1";
 /// The protocol version carried in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The size of a frame header.
 pub const HEADER_LEN: usize = 5;
 /// The largest control frame body.
@@ -56,6 +58,8 @@ pub const MAX_BATCHES_PER_FRAME: u32 = 100_000;
 pub const MAX_NODE_ID: usize = 64;
 /// The longest error message.
 pub const MAX_MESSAGE: usize = 4096;
+/// The most terms a `History` frame carries.
+pub const MAX_TERMS: usize = 1024;
 
 /// Error codes carried by `Error` frames and QUIC close codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +81,9 @@ pub enum ErrorCode {
     Unavailable = 7,
     /// The WAL no longer holds what was asked for: re-seed.
     WalPurged = 8,
+    /// The follower's history or last write is not the leader's: it holds
+    /// writes the leader does not (re-seed, or stop).
+    Diverged = 9,
     /// An unknown code from a newer peer.
     Unknown = 0xffff,
 }
@@ -92,6 +99,7 @@ impl ErrorCode {
             6 => Self::Internal,
             7 => Self::Unavailable,
             8 => Self::WalPurged,
+            9 => Self::Diverged,
             _ => Self::Unknown,
         }
     }
@@ -166,9 +174,18 @@ pub enum Frame {
         session: u64,
     },
     SeedDoneAck,
-    /// Ask for every batch after `after`, then live batches.
+    /// Ask for every batch after `after`, then live batches. `history` is
+    /// the term the follower last followed; `proof` the first sequence and
+    /// hash of its last write (ending at `after`), so the leader can check
+    /// that it holds the same.
     Subscribe {
         after: Seq,
+        history: Option<[u8; 16]>,
+        proof: Option<(Seq, [u8; 32])>,
+    },
+    /// The leader's replication history: `(term id, start)`, oldest first.
+    History {
+        terms: Vec<([u8; 16], Seq)>,
     },
     /// Consecutive batches: `(first sequence, count, RocksDB batch bytes)`.
     Batches {
@@ -217,6 +234,7 @@ mod ty {
     pub const MARK: u8 = 14;
     pub const CERT_REQUEST: u8 = 15;
     pub const CERT_REPLY: u8 = 16;
+    pub const HISTORY: u8 = 17;
 }
 
 /// Why a frame could not be decoded.
@@ -259,7 +277,7 @@ fn max_len(ty: u8) -> Option<u32> {
         ty::MANIFEST_REPLY => MAX_MANIFEST_FRAME,
         ty::CHUNK_REPLY => MAX_CHUNK_FRAME,
         ty::BATCHES => MAX_BATCHES_FRAME,
-        1..=16 => MAX_CONTROL_FRAME,
+        1..=17 => MAX_CONTROL_FRAME,
         _ => return None,
     })
 }
@@ -283,6 +301,7 @@ impl Frame {
             Frame::Mark { .. } => ty::MARK,
             Frame::CertRequest { .. } => ty::CERT_REQUEST,
             Frame::CertReply { .. } => ty::CERT_REPLY,
+            Frame::History { .. } => ty::HISTORY,
         }
     }
 
@@ -305,6 +324,7 @@ impl Frame {
             Frame::Mark { .. } => "Mark",
             Frame::CertRequest { .. } => "CertRequest",
             Frame::CertReply { .. } => "CertReply",
+            Frame::History { .. } => "History",
         }
     }
 
@@ -369,7 +389,29 @@ impl Frame {
                 bulk = Some(data.clone());
             }
             Frame::SeedDone { session } => out.put_u64_le(*session),
-            Frame::Subscribe { after } => out.put_u64_le(*after),
+            Frame::Subscribe {
+                after,
+                history,
+                proof,
+            } => {
+                out.put_u64_le(*after);
+                out.put_u8(u8::from(history.is_some()) | (u8::from(proof.is_some()) << 1));
+                if let Some(h) = history {
+                    out.put_slice(h);
+                }
+                if let Some((first, hash)) = proof {
+                    out.put_u64_le(*first);
+                    out.put_slice(hash);
+                }
+            }
+            Frame::History { terms } => {
+                let n = terms.len().min(MAX_TERMS);
+                out.put_u16_le(n as u16);
+                for (id, start) in &terms[terms.len() - n..] {
+                    out.put_slice(id);
+                    out.put_u64_le(*start);
+                }
+            }
             Frame::Batches { batches } => {
                 out.put_u32_le(batches.len() as u32);
                 for (first, count, data) in batches {
@@ -513,10 +555,55 @@ impl Frame {
                 }
             }
             ty::SUBSCRIBE => {
-                need!(8);
-                Frame::Subscribe {
-                    after: body.get_u64_le(),
+                need!(9);
+                let after = body.get_u64_le();
+                let flags = body.get_u8();
+                if flags & !0b11 != 0 {
+                    return Err(DecodeError::Malformed {
+                        ty: t,
+                        reason: "unknown flags",
+                    });
                 }
+                let history = if flags & 1 != 0 {
+                    need!(16);
+                    let mut h = [0u8; 16];
+                    body.copy_to_slice(&mut h);
+                    Some(h)
+                } else {
+                    None
+                };
+                let proof = if flags & 2 != 0 {
+                    need!(40);
+                    let first = body.get_u64_le();
+                    let mut hash = [0u8; 32];
+                    body.copy_to_slice(&mut hash);
+                    Some((first, hash))
+                } else {
+                    None
+                };
+                Frame::Subscribe {
+                    after,
+                    history,
+                    proof,
+                }
+            }
+            ty::HISTORY => {
+                need!(2);
+                let n = body.get_u16_le() as usize;
+                if n > MAX_TERMS {
+                    return Err(DecodeError::Malformed {
+                        ty: t,
+                        reason: "too many terms",
+                    });
+                }
+                need!(n * 24);
+                let mut terms = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut id = [0u8; 16];
+                    body.copy_to_slice(&mut id);
+                    terms.push((id, body.get_u64_le()));
+                }
+                Frame::History { terms }
             }
             ty::BATCHES => {
                 need!(4);
@@ -749,8 +836,40 @@ mod tests {
             hex::encode(b)
         };
         assert_eq!(
-            enc(Frame::Subscribe { after: 9 }),
-            concat!("08000000", "0a", "0900000000000000")
+            enc(Frame::Subscribe {
+                after: 9,
+                history: None,
+                proof: None
+            }),
+            concat!("09000000", "0a", "0900000000000000", "00")
+        );
+        assert_eq!(
+            enc(Frame::Subscribe {
+                after: 9,
+                history: Some([0xab; 16]),
+                proof: Some((7, [0xcd; 32]))
+            }),
+            concat!(
+                "41000000",
+                "0a",
+                "0900000000000000",
+                "03",
+                "abababababababababababababababab",
+                "0700000000000000",
+                "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"
+            )
+        );
+        assert_eq!(
+            enc(Frame::History {
+                terms: vec![([1; 16], 5)]
+            }),
+            concat!(
+                "1a000000",
+                "11",
+                "0100",
+                "01010101010101010101010101010101",
+                "0500000000000000"
+            )
         );
         assert_eq!(
             enc(Frame::Applied { seq: 258 }),
@@ -846,7 +965,18 @@ mod tests {
             }),
             any::<u64>().prop_map(|session| Frame::SeedDone { session }),
             Just(Frame::SeedDoneAck),
-            any::<u64>().prop_map(|after| Frame::Subscribe { after }),
+            (
+                any::<u64>(),
+                proptest::option::of(any::<[u8; 16]>()),
+                proptest::option::of((any::<u64>(), any::<[u8; 32]>()))
+            )
+                .prop_map(|(after, history, proof)| Frame::Subscribe {
+                    after,
+                    history,
+                    proof
+                }),
+            proptest::collection::vec((any::<[u8; 16]>(), any::<u64>()), 0..5)
+                .prop_map(|terms| Frame::History { terms }),
             proptest::collection::vec((any::<u64>(), any::<u32>(), bytes), 0..5)
                 .prop_map(|batches| Frame::Batches { batches }),
             any::<u64>().prop_map(|seq| Frame::Applied { seq }),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferry_engine::{Error as EngineError, RawBatch, Seq, Store};
+use ferry_engine::{Error as EngineError, History, HistoryId, RawBatch, Seq, Store};
 use parking_lot::Mutex;
 use quinn::{RecvStream, SendStream};
 use serde::Serialize;
@@ -155,6 +155,8 @@ pub struct Replication {
     followers: Mutex<BTreeMap<String, Arc<FollowerState>>>,
     marks: Mutex<BTreeSet<Seq>>,
     marks_tx: watch::Sender<u64>,
+    /// The leader's history; followers are checked against it.
+    history: Mutex<Option<History>>,
 }
 
 impl Replication {
@@ -166,7 +168,59 @@ impl Replication {
             followers: Mutex::default(),
             marks: Mutex::default(),
             marks_tx,
+            history: Mutex::new(None),
         })
+    }
+
+    /// Sets the history followers are checked against and are sent.
+    pub fn set_history(&self, h: History) {
+        *self.history.lock() = Some(h);
+    }
+
+    /// Checks that a follower at `after` on `history`, whose last write was
+    /// `proof`, holds nothing this leader does not.
+    async fn check_follower(
+        &self,
+        after: Seq,
+        history: Option<[u8; 16]>,
+        proof: Option<(Seq, [u8; 32])>,
+    ) -> Result<(), String> {
+        let latest = self.store.latest_seq();
+        if after > latest {
+            return Err(format!("the follower is at sequence {after}, ahead of this leader at {latest}: the leader lost writes the follower holds"));
+        }
+        let ours = self.history.lock().clone();
+        if let (Some(h), Some(id)) = (&ours, history) {
+            h.check(HistoryId(id), after).map_err(|m| m.to_string())?;
+        }
+        let Some((first, hash)) = proof else {
+            return Ok(());
+        };
+        if first == 0 || first > after {
+            return Err(format!(
+                "the follower's last write {first}..={after} is not a range"
+            ));
+        }
+        let store = self.store.clone();
+        let ours_w = tokio::task::spawn_blocking(move || store.range_hash(first, after))
+            .await
+            .map_err(|e| e.to_string())?;
+        let current = ours.map(|h| h.current().id.to_string()).unwrap_or_default();
+        match ours_w {
+            Ok(Some(w)) if w.hash == hash => Ok(()),
+            Ok(Some(_)) => Err(format!(
+                "the follower's write {first}..={after} differs from this leader's (history {current}): the leader lost writes the follower holds"
+            )),
+            // The WAL no longer holds the range: the history check stands
+            // alone, and the stream will ask for a re-seed if it must.
+            Ok(None) => {
+                tracing::warn!(first, after, "cannot check the follower's last write: the WAL no longer holds it");
+                Ok(())
+            }
+            Err(e) => Err(format!(
+                "the follower's write {first}..={after} does not line up with this leader's batches (history {current}): {e}"
+            )),
+        }
     }
 
     /// Every follower seen since start, with its lag.
@@ -218,15 +272,27 @@ impl Replication {
     async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        after: Seq,
+        (after, history, proof): (Seq, Option<[u8; 16]>, Option<(Seq, [u8; 32])>),
         mut send: SendStream,
         recv: RecvStream,
     ) {
         let latest = self.store.latest_seq();
-        if after > latest {
-            let msg = format!("the follower is at sequence {after}, ahead of this leader at {latest}: they diverged");
-            tracing::error!(node = %peer.node_id, "{msg}");
-            return send_error(&mut send, ErrorCode::Protocol, msg).await;
+        if let Err(msg) = self.check_follower(after, history, proof).await {
+            tracing::error!(node = %peer.node_id, "refusing a diverged follower: {msg}");
+            metrics::counter!("ferry_followers_refused_diverged_total").increment(1);
+            return send_error(&mut send, ErrorCode::Diverged, msg).await;
+        }
+        let terms = self.history.lock().as_ref().map(|h| {
+            h.terms
+                .iter()
+                .map(|t| (t.id.0, t.start))
+                .collect::<Vec<_>>()
+        });
+        if let Some(terms) = terms {
+            if let Err(e) = write_frame(&mut send, &Frame::History { terms }).await {
+                tracing::info!(node = %peer.node_id, error = %e, "follower stream ended");
+                return;
+            }
         }
         let st = Arc::new(FollowerState {
             node_id: peer.node_id.clone(),
@@ -479,7 +545,11 @@ impl StreamHandler for Replication {
         let this = self;
         Box::pin(async move {
             match first {
-                Frame::Subscribe { after } => this.serve(peer, after, send, recv).await,
+                Frame::Subscribe {
+                    after,
+                    history,
+                    proof,
+                } => this.serve(peer, (after, history, proof), send, recv).await,
                 other => {
                     send_error(
                         &mut send,

@@ -1,0 +1,132 @@
+//! No silent forks, with real `ferry serve` processes: a leader restored
+//! from an older copy reuses sequence numbers for different writes; its
+//! follower must be refused as diverged (with the reason, a status and a
+//! metric) and re-seed to exactly the leader's content, or stay diverged
+//! with `--on-divergence stop`. The history persists across restarts.
+
+use std::time::Duration;
+
+use ferry_tests::{get, verify, Proc};
+
+const T: Duration = Duration::from_secs(90);
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("cp");
+    assert!(st.success());
+}
+
+fn metric(p: &Proc, name: &str) -> f64 {
+    get(&p.url("/metrics"))
+        .text()
+        .lines()
+        .find(|l| l.starts_with(name) && !l.starts_with('#'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Leader L and follower F live; L is stopped and its directory copied;
+/// L takes `lost` writes that F applies; L is replaced by the copy and
+/// takes `other` different writes.
+fn fork(extra_follower_flags: &[&str]) -> (tempfile::TempDir, Proc, Proc) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ldir = d.path().join("leader");
+    let mut leader = Proc::start(&ldir, &["--node-id", "leader"]);
+    leader.fill("base-", 3000, 500, 100);
+    let mut flags = vec![
+        "--node-id".to_owned(),
+        "f1".to_owned(),
+        "--follow".to_owned(),
+        leader.quic.to_string(),
+        "--token".to_owned(),
+        leader.token(),
+    ];
+    flags.extend(extra_follower_flags.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut follower = Proc::start(&d.path().join("f1"), &flags);
+    follower.wait_state("live", T);
+    let history = leader.status()["history"]["id"].clone();
+    assert!(history.is_string(), "{}", leader.status());
+
+    // A copy taken while the leader is stopped: what a restore brings back.
+    assert!(leader.stop().success());
+    copy_dir(&ldir, &d.path().join("leader-copy"));
+    leader.spawn();
+    assert_eq!(
+        leader.status()["history"]["id"],
+        history,
+        "the history persists across restarts"
+    );
+    let lost = leader.fill("lost-", 500, 50, 100);
+    let r = get(&follower.url(&format!("/v1/kv/lost-00000499?min_seq={lost}")));
+    assert_eq!(
+        r.status, 200,
+        "the follower applied the writes the leader will lose"
+    );
+
+    // The leader comes back without them and takes different writes on the
+    // same sequence numbers, while the follower is down; then the follower
+    // asks for everything after its sequence, which the leader now has.
+    assert!(follower.stop().success());
+    leader.kill();
+    std::fs::remove_dir_all(&ldir).expect("rm");
+    std::fs::rename(d.path().join("leader-copy"), &ldir).expect("restore");
+    leader.spawn();
+    let other = leader.fill("other-", 800, 50, 100);
+    assert!(other > lost, "the leader reuses the follower's sequences");
+    follower.spawn();
+    (d, leader, follower)
+}
+
+#[test]
+fn a_follower_of_a_leader_that_lost_writes_is_refused_and_reseeds_to_its_content() {
+    let (_d, leader, follower) = fork(&[]);
+    // Refused with the reason, never silently live on a fork: it re-seeds
+    // and ends with exactly the leader's content.
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let s = follower.status();
+        if s["state"] == "live" && s["divergences"].as_u64() >= Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no re-seed after the divergence: {s}\n{}",
+            follower.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = follower.log_text();
+    assert!(
+        log.contains("differs from this leader's"),
+        "the log says why: {log}"
+    );
+    assert!(metric(&follower, "ferry_divergences_total") >= 1.0);
+    assert!(leader.log_text().contains("refusing a diverged follower"));
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        get(&follower.url("/v1/kv/lost-00000499")).status,
+        404,
+        "the lost writes are gone from the follower too"
+    );
+}
+
+#[test]
+fn with_on_divergence_stop_the_follower_stays_diverged_with_the_reason() {
+    let (_d, _leader, follower) = fork(&["--on-divergence", "stop"]);
+    follower.wait_state("diverged", T);
+    let s = follower.status();
+    let detail = s["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(detail.contains("differs from this leader's"), "{s}");
+    assert_eq!(s["reseeds"], 0);
+    // It keeps what it had, and stays diverged.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(follower.status()["state"], "diverged");
+    assert_eq!(get(&follower.url("/v1/kv/lost-00000499")).status, 200);
+}
