@@ -67,6 +67,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         reseed_backoff: Duration::from_secs(5),
         transport: ferry_transfer::TransportOptions::default(),
         on_divergence: node::OnDivergence::Reseed,
+        min_acks: 0,
     };
     let leader = node::start(base(&leader_dir, "leader")).await?;
     let leader_http = http::serve(Arc::clone(&leader), local).await?;

@@ -253,37 +253,66 @@ async fn get_kv(
     })
 }
 
+/// Semi-synchronous writes: `?acks=N` waits (at most `timeout_ms`, default
+/// 5 s, at most 60 s) until N followers have durably applied the write.
+#[derive(Deserialize, Default)]
+struct WriteParams {
+    acks: Option<usize>,
+    timeout_ms: Option<u64>,
+}
+
+/// Answers a write at `seq` once the followers it asks for have it.
+async fn write_reply(
+    node: &Node,
+    seq: u64,
+    p: &WriteParams,
+    body: serde_json::Value,
+) -> Result<Response, ApiError> {
+    let n = p.acks.unwrap_or(node.cfg.min_acks);
+    if n > 0 {
+        let timeout = Duration::from_millis(p.timeout_ms.unwrap_or(5000)).min(MAX_WAIT);
+        let repl = node.replication.get().cloned().ok_or_else(|| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "no replication service")
+        })?;
+        if let Err(acked) = repl.wait_acks(seq, n, timeout).await {
+            counter("ferry_http_ack_timeouts_total");
+            let mut e = ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "{acked} of the {n} followers asked for acknowledged sequence {seq} within {} ms; the write remains on the leader and reaches followers as they catch up",
+                    timeout.as_millis()
+                ),
+            );
+            e.extra = Some(json!({ "seq": seq, "acked": acked }));
+            return Err(e);
+        }
+    }
+    Ok((StatusCode::OK, seq_header(seq), Json(body)).into_response())
+}
+
 async fn put_kv(
     State(node): State<Shared>,
     Path(key): Path<String>,
+    Query(p): Query<WriteParams>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     counter("ferry_http_writes_total");
     check_key(&key)?;
     let store = writable(&node)?;
     let r = blocking(move || store.put(key.into_bytes(), body.to_vec())).await?;
-    Ok((
-        StatusCode::OK,
-        seq_header(r.last),
-        Json(json!({ "seq": r.last })).into_response(),
-    )
-        .into_response())
+    write_reply(&node, r.last, &p, json!({ "seq": r.last })).await
 }
 
 async fn delete_kv(
     State(node): State<Shared>,
     Path(key): Path<String>,
+    Query(p): Query<WriteParams>,
 ) -> Result<Response, ApiError> {
     counter("ferry_http_writes_total");
     check_key(&key)?;
     let store = writable(&node)?;
     let r = blocking(move || store.delete(key.into_bytes())).await?;
-    Ok((
-        StatusCode::OK,
-        seq_header(r.last),
-        Json(json!({ "seq": r.last })),
-    )
-        .into_response())
+    write_reply(&node, r.last, &p, json!({ "seq": r.last })).await
 }
 
 #[derive(Deserialize)]
@@ -304,7 +333,11 @@ enum BatchOp {
     },
 }
 
-async fn batch(State(node): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+async fn batch(
+    State(node): State<Shared>,
+    Query(p): Query<WriteParams>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     counter("ferry_http_writes_total");
     let req: BatchRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad batch: {e}")))?;
@@ -350,12 +383,13 @@ async fn batch(State(node): State<Shared>, body: Bytes) -> Result<Response, ApiE
     }
     let store = writable(&node)?;
     let r = blocking(move || store.write(&b)).await?;
-    Ok((
-        StatusCode::OK,
-        seq_header(r.last),
-        Json(json!({ "first_seq": r.first, "seq": r.last })),
+    write_reply(
+        &node,
+        r.last,
+        &p,
+        json!({ "first_seq": r.first, "seq": r.last }),
     )
-        .into_response())
+    .await
 }
 
 #[derive(Deserialize)]
@@ -571,9 +605,19 @@ fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
-/// Installs the metrics recorder (call once at start).
+/// Installs the metrics recorder (call once at start) and registers the
+/// event counters, so they are exported (at 0) before their first event.
 pub fn init_metrics() {
     let _ = prometheus();
+    for name in [
+        "ferry_http_reads_total",
+        "ferry_http_writes_total",
+        "ferry_http_errors_total",
+        "ferry_http_ack_timeouts_total",
+        "ferry_followers_refused_diverged_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }
 
 async fn metrics(State(node): State<Shared>) -> Response {
@@ -625,6 +669,11 @@ async fn metrics(State(node): State<Shared>) -> Response {
             metrics::gauge!("ferry_follower_lag_ms", &labels).set(f.lag_ms as f64);
             metrics::gauge!("ferry_follower_lag_bytes", &labels).set(f.lag_bytes as f64);
             metrics::gauge!("ferry_follower_acked_seq", &labels).set(f.acked_seq as f64);
+            metrics::gauge!("ferry_follower_in_sync", &labels).set(if f.in_sync {
+                1.0
+            } else {
+                0.0
+            });
             metrics::gauge!("ferry_follower_live", &labels).set(if f.state == "live" {
                 1.0
             } else {

@@ -225,6 +225,10 @@ struct ServeArgs {
     /// leader lost; they are then refused as diverged and re-seeded.
     #[arg(long, env = "FERRY_SHIP_UNSYNCED")]
     ship_unsynced: bool,
+    /// Semi-synchronous writes by default: the HTTP API answers a write only
+    /// after this many followers durably applied it (`?acks=N` per request).
+    #[arg(long, env = "FERRY_MIN_ACKS", default_value_t = 0)]
+    min_acks: usize,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -467,6 +471,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
         transport: args.congestion.transport(args.peer_timeout_ms),
         on_divergence: args.on_divergence,
+        min_acks: args.min_acks,
     };
     http::init_metrics();
     let node = node::start(cfg).await?;

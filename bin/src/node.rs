@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub transport: TransportOptions,
     /// What a follower does when the leader refuses it as diverged.
     pub on_divergence: OnDivergence,
+    /// Followers that must acknowledge a write before the API answers it
+    /// (`?acks=N` overrides it per request).
+    pub min_acks: usize,
 }
 
 /// What a diverged follower does.

@@ -9,9 +9,13 @@ use ferry_engine::manifest::{chunk_hash, hash_file};
 use ferry_engine::{DivergenceError, Error, Store, StoreOptions};
 use ferry_tests::{copy_files, db_bench_fill, ferry, fill, rocksdb_tool, temp_store};
 
+/// These tests are about RocksDB mechanics (checkpoints, the WAL reader,
+/// the applier) under concurrent writers, not durability: writes skip the
+/// per-group WAL sync so that they make progress on a slow disk.
 fn opts() -> StoreOptions {
     StoreOptions {
         chunk_size: 64 * 1024,
+        durable_shipping: false,
         ..StoreOptions::default()
     }
 }
@@ -436,4 +440,41 @@ fn a_database_written_by_db_bench_is_adopted() {
     let store = Store::open(&db, opts()).unwrap();
     let before = store.latest_seq();
     assert_eq!(store.put("new", "v").unwrap().last, before + 1);
+}
+
+/// Durable shipping: writers share WAL syncs (group commit), every batch is
+/// published to the feed in commit order with no gap, and a write returns
+/// only once its batch is published (so synced).
+#[test]
+fn group_commit_publishes_every_batch_in_order_once_synced() {
+    let (_d, store) = temp_store(StoreOptions::default());
+    assert!(store.options().durable_shipping);
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                for i in 0..300 {
+                    let r = store
+                        .put(format!("g{t}-{i}"), vec![t as u8; 50])
+                        .expect("write");
+                    assert!(
+                        store.feed().latest() >= r.last,
+                        "write {} returned before it was published",
+                        r.last
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("writer");
+    }
+    let batches = store.feed().read_after(0, usize::MAX).expect("feed");
+    assert_eq!(batches.len(), 1200);
+    let mut next = 1;
+    for b in &batches {
+        assert_eq!(b.first(), next, "published in commit order, no gap");
+        next = b.last() + 1;
+    }
+    assert_eq!(store.feed().latest(), store.latest_seq());
 }

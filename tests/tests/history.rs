@@ -130,3 +130,66 @@ fn with_on_divergence_stop_the_follower_stays_diverged_with_the_reason() {
     assert_eq!(follower.status()["state"], "diverged");
     assert_eq!(get(&follower.url("/v1/kv/lost-00000499")).status, 200);
 }
+
+#[test]
+fn semi_synchronous_writes_are_readable_on_the_follower_at_once() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    let mut follower = Proc::start(
+        &d.path().join("f1"),
+        &[
+            "--node-id",
+            "f1",
+            "--follow",
+            &leader.quic.to_string(),
+            "--token",
+            &leader.token(),
+        ],
+    );
+    follower.wait_state("live", T);
+    for i in 0..100 {
+        let r = ferry_tests::put_bytes(
+            &leader.url(&format!("/v1/kv/sync-{i}?acks=1")),
+            format!("v{i}").as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        // No min_seq: acknowledged means applied there.
+        let g = get(&follower.url(&format!("/v1/kv/sync-{i}")));
+        assert_eq!((g.status, g.text()), (200, format!("v{i}")), "write {i}");
+    }
+    let b = ferry_tests::post_json(
+        &leader.url("/v1/batch?acks=1"),
+        &serde_json::json!({"ops": [{"op": "put", "key": "b1", "value": "x"}, {"op": "delete", "key": "sync-0"}]}),
+    );
+    assert_eq!(b.status, 200, "{}", b.text());
+    assert_eq!(get(&follower.url("/v1/kv/sync-0")).status, 404);
+    let st = leader.status();
+    assert_eq!(st["followers"][0]["in_sync"], true, "{st}");
+
+    // More acknowledgements than followers: a 504 after the timeout.
+    let t = std::time::Instant::now();
+    let r = ferry_tests::put_bytes(&leader.url("/v1/kv/two?acks=2&timeout_ms=300"), b"v");
+    assert_eq!(r.status, 504, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["acked"], 1, "{v}");
+    assert!(v["seq"].as_u64().is_some(), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("remains on the leader"),
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // No follower at all: the write fails within its timeout, never hangs.
+    follower.kill();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    let r = ferry_tests::delete(&leader.url("/v1/kv/b1?acks=1&timeout_ms=500"));
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert_eq!(r.json()["acked"], 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // It stays on the leader.
+    assert_eq!(get(&leader.url("/v1/kv/b1")).status, 404);
+}

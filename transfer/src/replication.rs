@@ -61,6 +61,9 @@ pub struct FollowerInfo {
     pub lag_ms: u64,
     pub bytes_sent: u64,
     pub connected_secs: u64,
+    /// Live, with nothing sent more than a second ago still unacknowledged:
+    /// a semi-synchronous write would not wait on it.
+    pub in_sync: bool,
 }
 
 struct FollowerState {
@@ -132,6 +135,10 @@ impl FollowerState {
                 .map_or(0, |u| u.1.elapsed().as_millis() as u64),
             bytes_sent: t.bytes_sent,
             connected_secs: t.since.elapsed().as_secs(),
+            in_sync: t.state == "live"
+                && t.unacked
+                    .front()
+                    .is_none_or(|u| u.1.elapsed() < Duration::from_secs(1)),
         }
     }
 }
@@ -157,6 +164,8 @@ pub struct Replication {
     marks_tx: watch::Sender<u64>,
     /// The leader's history; followers are checked against it.
     history: Mutex<Option<History>>,
+    /// Bumped on every acknowledgement from any follower.
+    acks_tx: watch::Sender<u64>,
 }
 
 impl Replication {
@@ -169,7 +178,39 @@ impl Replication {
             marks: Mutex::default(),
             marks_tx,
             history: Mutex::new(None),
+            acks_tx: watch::channel(0).0,
         })
+    }
+
+    /// Followers connected now that have durably applied `seq`.
+    pub fn acked_by(&self, seq: Seq) -> usize {
+        self.followers
+            .lock()
+            .values()
+            .filter(|f| {
+                let t = f.inner.lock();
+                t.state != "disconnected" && t.acked >= seq
+            })
+            .count()
+    }
+
+    /// Waits until `n` connected followers have durably applied `seq`
+    /// (semi-synchronous writes). `Err(k)`: only `k` had after `timeout`.
+    pub async fn wait_acks(&self, seq: Seq, n: usize, timeout: Duration) -> Result<(), usize> {
+        let mut acks = self.acks_tx.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let k = self.acked_by(seq);
+            if k >= n {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, acks.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.acked_by(seq));
+            }
+        }
     }
 
     /// Sets the history followers are checked against and are sent.
@@ -310,7 +351,7 @@ impl Replication {
             .lock()
             .insert(peer.node_id.clone(), Arc::clone(&st));
         tracing::info!(node = %peer.node_id, after, leader_seq = latest, "follower subscribed");
-        let acks = tokio::spawn(read_acks(recv, Arc::clone(&st)));
+        let acks = tokio::spawn(read_acks(recv, Arc::clone(&st), self.acks_tx.clone()));
         let end = self.stream(&st, after, &mut send).await;
         match end {
             Err(StreamEnd::Engine(EngineError::WalPurged {
@@ -524,10 +565,17 @@ impl Replication {
     }
 }
 
-async fn read_acks(mut recv: RecvStream, st: Arc<FollowerState>) -> Result<(), StreamEnd> {
+async fn read_acks(
+    mut recv: RecvStream,
+    st: Arc<FollowerState>,
+    acks: watch::Sender<u64>,
+) -> Result<(), StreamEnd> {
     loop {
         match read_frame(&mut recv).await? {
-            Some(Frame::Applied { seq }) => st.acked(seq),
+            Some(Frame::Applied { seq }) => {
+                st.acked(seq);
+                acks.send_modify(|n| *n += 1);
+            }
             Some(_) => {}
             None => return Err(StreamEnd::Gone),
         }
