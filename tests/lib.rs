@@ -363,6 +363,21 @@ impl Proc {
         p
     }
 
+    /// Starts a follower `id` of the node at `follow` (a QUIC address),
+    /// joining with `token`, with `extra` flags.
+    pub fn follower(
+        data: &Path,
+        id: &str,
+        follow: std::net::SocketAddr,
+        token: &str,
+        extra: &[&str],
+    ) -> Self {
+        let follow = follow.to_string();
+        let mut args = vec!["--node-id", id, "--follow", &follow, "--token", token];
+        args.extend_from_slice(extra);
+        Self::start(data, &args)
+    }
+
     /// (Re)starts the process with the same arguments and ports.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new()

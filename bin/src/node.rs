@@ -530,16 +530,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                     *node.store.write() = None;
                     break;
                 }
-                let last = read_persisted(&cfg.data)
-                    .map(|p| p.last_reseed_unix)
-                    .unwrap_or(0);
-                let n = node.note_reseed();
-                let recent = unix_now().saturating_sub(last) < 600;
-                let wait = if recent && n > 1 {
-                    reseed_wait
-                } else {
-                    Duration::ZERO
-                };
+                let (n, wait) = reseed_delay(&node, reseed_wait);
                 tracing::error!(%message, reseeds = n, wait_secs = wait.as_secs_f64(), "this follower diverged from the leader: re-seeding to the leader's content, reusing local files");
                 if !wait.is_zero() {
                     tokio::select! {
@@ -551,18 +542,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 reseed = true;
             }
             ReplicationEnd::WalPurged { message } => {
-                let last = read_persisted(&cfg.data)
-                    .map(|p| p.last_reseed_unix)
-                    .unwrap_or(0);
-                let n = node.note_reseed();
-                // Back off when re-seeds follow each other: a slow link must
-                // not turn into an endless full-sync loop.
-                let recent = unix_now().saturating_sub(last) < 600;
-                let wait = if recent && n > 1 {
-                    reseed_wait
-                } else {
-                    Duration::ZERO
-                };
+                let (n, wait) = reseed_delay(&node, reseed_wait);
                 tracing::warn!(%message, reseeds = n, wait_secs = wait.as_secs_f64(), "the leader's WAL no longer reaches this follower: re-seeding, reusing local files");
                 node.set_state(NodeState::Reseeding, Some(message));
                 if !wait.is_zero() {
@@ -578,6 +558,25 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
     }
     node.set_state(NodeState::Stopped, None);
     Ok(())
+}
+
+/// Counts a re-seed and returns the count and how long to wait first: re-
+/// seeds that follow each other within 10 minutes back off, so a slow link
+/// cannot turn into an endless full-sync loop.
+fn reseed_delay(node: &Node, backoff: Duration) -> (u64, Duration) {
+    let last = read_persisted(&node.cfg.data)
+        .map(|p| p.last_reseed_unix)
+        .unwrap_or(0);
+    let n = node.note_reseed();
+    let recent = unix_now().saturating_sub(last) < 600;
+    (
+        n,
+        if recent && n > 1 {
+            backoff
+        } else {
+            Duration::ZERO
+        },
+    )
 }
 
 /// A live stream silent this long makes the follower report its leader

@@ -42,16 +42,12 @@ fn a_follower_added_under_continuous_load_converges() {
     );
     let writer = load(&leader, Arc::clone(&stop), Arc::clone(&last));
     std::thread::sleep(Duration::from_millis(300));
-    let follower = Proc::start(
+    let follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-        ],
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &[],
     );
     follower.wait_state("live", T);
     // Live while the load goes on: the follower keeps up.
@@ -194,18 +190,12 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
     );
     leader.fill("base-", 60_000, 1000, 200);
     ferry_tests::post(&leader.url("/v1/admin/flush")).ok_json();
-    let mut follower = Proc::start(
+    let mut follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-            "--reseed-backoff-secs",
-            "1",
-        ],
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &["--reseed-backoff-secs", "1"],
     );
     follower.wait_state("live", T);
     let first = follower.status()["last_seed"]["bytes_total"]
@@ -331,16 +321,12 @@ fn two_followers_at_once_and_a_cascading_seed() {
 fn the_http_api_on_leader_and_follower() {
     let d = dirs();
     let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
-    let follower = Proc::start(
+    let follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-        ],
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &[],
     );
     follower.wait_state("live", T);
 

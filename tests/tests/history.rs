@@ -135,16 +135,12 @@ fn with_on_divergence_stop_the_follower_stays_diverged_with_the_reason() {
 fn semi_synchronous_writes_are_readable_on_the_follower_at_once() {
     let d = tempfile::tempdir().expect("tempdir");
     let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
-    let mut follower = Proc::start(
+    let mut follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-        ],
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &[],
     );
     follower.wait_state("live", T);
     for i in 0..100 {

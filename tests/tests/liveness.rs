@@ -30,18 +30,12 @@ fn a_restarted_leader_is_noticed_by_stateless_reset_not_the_idle_timeout() {
         &["--node-id", "leader", "--peer-timeout-ms", "20000"],
     );
     leader.fill("k-", 2000, 500, 100);
-    let follower = Proc::start(
+    let follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-            "--peer-timeout-ms",
-            "20000",
-        ],
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &["--peer-timeout-ms", "20000"],
     );
     follower.wait_state("live", T);
     let before = follower.status()["replica"]["reconnects"]
@@ -90,16 +84,12 @@ fn a_silent_partition_is_reported_within_the_peer_timeout_and_heals() {
             Default::default(),
         ))
         .expect("proxy");
-    let follower = Proc::start(
+    let follower = Proc::follower(
         &d.path().join("f1"),
-        &[
-            "--node-id",
-            "f1",
-            "--follow",
-            &proxy.addr().to_string(),
-            "--token",
-            &leader.token(),
-        ],
+        "f1",
+        proxy.addr(),
+        &leader.token(),
+        &[],
     );
     follower.wait_state("live", T);
 
