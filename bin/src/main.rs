@@ -420,6 +420,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         .node_id
         .clone()
         .unwrap_or_else(ferry_transfer::seed::default_node_id);
+    ferry_transfer::seed::validate_node_id(&node_id).map_err(config::usage)?;
     let compression = match args.compression {
         CompressionArg::Off => Compression::Off,
         CompressionArg::Always => Compression::Always {

@@ -52,6 +52,21 @@ fn usage_errors_exit_2_with_a_message() {
 
     let (code, out) = run(&["serve", "--no-such-flag"], &[]);
     assert_eq!(code, 2, "{out}");
+
+    let long = "n".repeat(65);
+    let data = d.path().join("n");
+    let (code, out) = run(
+        &[
+            "serve",
+            "--data",
+            data.to_str().expect("utf-8"),
+            "--node-id",
+            &long,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "a too-long node id is a usage error: {out}");
+    assert!(out.contains("node id"), "{out}");
 }
 
 #[test]

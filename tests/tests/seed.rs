@@ -560,17 +560,46 @@ async fn an_oversize_frame_is_refused_without_allocating_it() {
         .await
         .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    // A Hello that claims to be 4 GiB long.
+    // A Hello that claims to be 4 GiB long. (The leader gives a Hello 10 s;
+    // refusing it must take far less.)
     let mut header = u32::MAX.to_le_bytes().to_vec();
     header.push(1);
     send.write_all(&header).await.unwrap();
     let r = tokio::time::timeout(
-        Duration::from_secs(10),
+        Duration::from_secs(2),
         ferry_transfer::wire::read_frame(&mut recv),
     )
     .await
     .expect("the leader must not wait for 4 GiB");
     assert!(!matches!(r, Ok(Some(Frame::Welcome { .. }))));
+
+    // As a first frame, a 60 MiB frame of a type whose own bound allows it
+    // (a manifest reply): before authentication only a Hello-sized frame is
+    // read, so it is refused from its header, not awaited.
+    let conn = endpoint
+        .connect_with(
+            ferry_transfer::endpoint::client_config(
+                &ClientAuth::from_token(&leader.token),
+                &TransportOptions::default(),
+            )
+            .unwrap(),
+            leader.addr,
+            "ferry",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut header = (60u32 << 20).to_le_bytes().to_vec();
+    header.push(5);
+    send.write_all(&header).await.unwrap();
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        ferry_transfer::wire::read_frame(&mut recv),
+    )
+    .await
+    .expect("the leader must refuse a large first frame at once");
+    assert!(!matches!(r, Ok(Some(Frame::Welcome { .. }))), "{r:?}");
     // The leader still serves others.
     let target = tempfile::tempdir().unwrap();
     ferry_transfer::seed(leader.seed_config(target.path()))

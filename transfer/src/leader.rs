@@ -21,7 +21,10 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{check_proof, exported_keying_material, NodeAuth};
 use crate::protocol::{Codec, ErrorCode, Frame, Role, PROTOCOL_VERSION};
-use crate::wire::{expect_frame, read_frame, send_error, write_frame, WireError};
+use crate::wire::{read_frame, read_frame_within, send_error, write_frame, WireError};
+
+/// The largest first frame a peer may send before it authenticates.
+const MAX_HELLO_FRAME: u32 = 64 * 1024;
 
 /// How chunks are compressed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -271,14 +274,28 @@ impl Server {
             conn.close((ErrorCode::Protocol as u32).into(), b"no hello");
             return Ok(());
         };
-        let hello =
-            match tokio::time::timeout(Duration::from_secs(10), expect_frame(&mut recv)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    conn.close((ErrorCode::Protocol as u32).into(), b"hello timeout");
-                    return Ok(());
-                }
-            };
+        // Before authentication only a Hello-sized frame is read: a peer
+        // that claims a 60 MiB first frame is refused from the header.
+        let hello = match tokio::time::timeout(
+            Duration::from_secs(10),
+            read_frame_within(&mut recv, MAX_HELLO_FRAME),
+        )
+        .await
+        {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return Err(WireError::FinishedEarly(0)),
+            Ok(Err(e)) => {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %addr, error = %e, "refused before authentication");
+                send_error(&mut send, ErrorCode::Protocol, e.to_string()).await;
+                conn.close((ErrorCode::Protocol as u32).into(), b"bad hello");
+                return Ok(());
+            }
+            Err(_) => {
+                conn.close((ErrorCode::Protocol as u32).into(), b"hello timeout");
+                return Ok(());
+            }
+        };
         let peer = match self.authenticate(&conn, hello) {
             Ok(p) => p,
             Err((code, msg)) => {

@@ -171,9 +171,36 @@ pub fn default_node_id() -> String {
     let host = std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "node".into());
-    let mut id = format!("{host}-{}", std::process::id());
-    id.truncate(crate::protocol::MAX_NODE_ID);
-    id
+    node_id_from(&host, std::process::id())
+}
+
+/// `host-pid`, shortened (at a character boundary) to fit a node id.
+pub fn node_id_from(host: &str, pid: u32) -> String {
+    let suffix = format!("-{pid}");
+    let mut host: String = host.chars().filter(|c| !c.is_control()).collect();
+    while host.len() + suffix.len() > crate::protocol::MAX_NODE_ID {
+        host.pop();
+    }
+    if host.is_empty() {
+        host.push_str("node");
+    }
+    host + &suffix
+}
+
+/// Checks a node id before it is used on the wire: 1 to 64 bytes of UTF-8
+/// without control characters.
+pub fn validate_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > crate::protocol::MAX_NODE_ID {
+        return Err(format!(
+            "a node id is 1 to {} bytes; {id:?} is {}",
+            crate::protocol::MAX_NODE_ID,
+            id.len()
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(format!("a node id has no control characters: {id:?}"));
+    }
+    Ok(())
 }
 
 /// Progress of a running seed.
@@ -1051,6 +1078,20 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    #[test]
+    fn node_ids_fit_and_never_split_a_character() {
+        let long = "ñ".repeat(60);
+        let id = node_id_from(&long, 123456);
+        assert!(id.len() <= crate::protocol::MAX_NODE_ID, "{id}");
+        assert!(id.ends_with("-123456"));
+        assert_eq!(validate_node_id(&id), Ok(()));
+        assert_eq!(node_id_from("", 7), "node-7");
+        assert!(validate_node_id(&"x".repeat(65)).is_err());
+        assert!(validate_node_id("").is_err());
+        assert!(validate_node_id("a\nb").is_err());
+        assert_eq!(validate_node_id("leader-1"), Ok(()));
     }
 
     #[test]

@@ -38,6 +38,16 @@ pub enum WireError {
 /// new frame began. The length is checked against the frame type's maximum
 /// before the body is allocated.
 pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, WireError> {
+    read_frame_within(recv, u32::MAX).await
+}
+
+/// Like [`read_frame`], but refuses any frame longer than `max` as well:
+/// the first frame of an unauthenticated peer may only be a small `Hello`,
+/// so nothing larger is ever allocated for it.
+pub async fn read_frame_within(
+    recv: &mut RecvStream,
+    max: u32,
+) -> Result<Option<Frame>, WireError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -48,6 +58,14 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, WireErro
         }
     }
     let header = FrameHeader::parse(h)?;
+    if header.len > max {
+        return Err(crate::protocol::DecodeError::TooLarge {
+            ty: header.ty,
+            len: header.len,
+            max,
+        }
+        .into());
+    }
     // Collect the body from quinn's own buffers: one copy, no zeroing.
     let len = header.len as usize;
     let mut body = bytes::BytesMut::with_capacity(len);
