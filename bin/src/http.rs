@@ -32,6 +32,8 @@ pub const MAX_KEY: usize = 4096;
 pub const MAX_BATCH_OPS: usize = 10_000;
 /// Most items one scan returns.
 pub const MAX_SCAN: usize = 10_000;
+/// Most key and value bytes one scan returns (at least one pair always).
+pub const MAX_SCAN_BYTES: usize = 8 << 20;
 /// Longest wait for `min_seq` or a digest.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -396,6 +398,8 @@ async fn batch(
 struct ScanParams {
     prefix: Option<String>,
     start: Option<String>,
+    /// `start` as base64, for binary keys (a scan's `next_b64`).
+    start_b64: Option<String>,
     limit: Option<usize>,
     min_seq: Option<u64>,
     timeout_ms: Option<u64>,
@@ -417,11 +421,35 @@ async fn scan(
     wait_for_seq(&store, p.min_seq, p.timeout_ms).await?;
     let scan = Scan {
         prefix: p.prefix.unwrap_or_default().into_bytes(),
-        start: p.start.map(String::into_bytes),
+        start: match (p.start, p.start_b64) {
+            (Some(s), None) => Some(s.into_bytes()),
+            (None, Some(b)) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b)
+                    .map_err(|e| {
+                        ApiError::new(StatusCode::BAD_REQUEST, format!("bad start_b64: {e}"))
+                    })?,
+            ),
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "give at most one of start, start_b64",
+                ))
+            }
+        },
         limit,
+        max_bytes: MAX_SCAN_BYTES,
     };
-    let (items, seq) = blocking(move || store.scan(&scan)).await?;
-    let items: Vec<_> = items
+    let (page, seq) = blocking(move || store.scan(&scan)).await?;
+    let next = page.next.map(|k| match String::from_utf8(k) {
+        Ok(k) => json!({ "next": k }),
+        Err(e) => {
+            json!({ "next_b64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()) })
+        }
+    });
+    let items: Vec<_> = page
+        .items
         .into_iter()
         .map(
             |(k, v)| match (String::from_utf8(k.clone()), String::from_utf8(v.clone())) {
@@ -433,12 +461,13 @@ async fn scan(
             },
         )
         .collect();
-    Ok((
-        StatusCode::OK,
-        seq_header(seq),
-        Json(json!({ "seq": seq, "items": items })),
-    )
-        .into_response())
+    let mut body = json!({ "seq": seq, "items": items });
+    if let (Some(n), Some(o)) = (next, body.as_object_mut()) {
+        if let Some(n) = n.as_object() {
+            o.extend(n.clone());
+        }
+    }
+    Ok((StatusCode::OK, seq_header(seq), Json(body)).into_response())
 }
 
 /// The node's status document (also used by `ferry status`).

@@ -25,6 +25,6 @@ pub use manifest::{
     FileEntry, FileKind, FileName, Hash, HashCache, HashStats, Manifest, ManifestId,
 };
 pub use store::{
-    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, Digest, Scan, SeqRange,
-    Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
+    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, Digest, Scan, ScanPage,
+    SeqRange, Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
 };

@@ -116,6 +116,17 @@ pub struct Scan {
     /// Start at this key (inclusive); keys before the prefix are skipped anyway.
     pub start: Option<Vec<u8>>,
     pub limit: usize,
+    /// Stop once the keys and values returned take this many bytes (0: no
+    /// bound); at least one pair is always returned.
+    pub max_bytes: usize,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    pub items: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where the next page starts, when the range holds more.
+    pub next: Option<Vec<u8>>,
 }
 
 /// A handle to an open store; cheap to clone.
@@ -701,7 +712,7 @@ impl Store {
 
     /// Keys with `scan.prefix`, from `scan.start`, at most `scan.limit` of
     /// them, and the sequence the scan reflects.
-    pub fn scan(&self, scan: &Scan) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, Seq)> {
+    pub fn scan(&self, scan: &Scan) -> Result<(ScanPage, Seq)> {
         self.at_snapshot(|ro| {
             let mut it = self.inner.db.raw_iterator_opt(ro);
             let from = match &scan.start {
@@ -709,19 +720,29 @@ impl Store {
                 _ => scan.prefix.as_slice(),
             };
             it.seek(from);
-            let mut out = Vec::new();
-            while it.valid() && out.len() < scan.limit {
+            let mut page = ScanPage::default();
+            let mut bytes = 0usize;
+            while it.valid() {
                 let (Some(k), Some(v)) = (it.key(), it.value()) else {
                     break;
                 };
                 if !k.starts_with(&scan.prefix) {
                     break;
                 }
-                out.push((k.to_vec(), v.to_vec()));
+                let full = page.items.len() >= scan.limit
+                    || (scan.max_bytes > 0
+                        && !page.items.is_empty()
+                        && bytes + k.len() + v.len() > scan.max_bytes);
+                if full {
+                    page.next = Some(k.to_vec());
+                    break;
+                }
+                bytes += k.len() + v.len();
+                page.items.push((k.to_vec(), v.to_vec()));
                 it.next();
             }
             it.status().map_err(rocks(&self.inner.path))?;
-            Ok(out)
+            Ok(page)
         })
     }
 
