@@ -681,3 +681,43 @@ async fn a_leader_written_by_db_bench_seeds_a_follower_with_its_sequence_and_dig
     // fillrandom draws keys with replacement: about 1 - 1/e of them are distinct.
     assert!(digest.keys > 25_000, "{digest:?}");
 }
+
+/// A cached seed checkpoint whose sequence the WAL no longer reaches past is
+/// not handed out again: a follower seeded from it could only re-seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_checkpoint_behind_the_wal_is_not_reused() {
+    // No WAL retention: obsolete WAL files go at every flush.
+    let leader = TestLeader::start(
+        StoreOptions {
+            wal_ttl_seconds: 0,
+            wal_size_limit_mb: 0,
+            ..opts()
+        },
+        ServeOptions::default(),
+    );
+    ferry_tests::fill(&leader.store, 200, 1);
+    let first = tempfile::tempdir().unwrap();
+    let r1 = ferry_transfer::seed(leader.seed_config(first.path()))
+        .await
+        .unwrap();
+    // More writes, flushed: the WAL after the first checkpoint is gone.
+    ferry_tests::fill(&leader.store, 200, 2);
+    leader.store.flush().unwrap();
+    let oldest = leader.store.oldest_wal_seq().unwrap();
+    assert!(
+        oldest.is_none_or(|o| o > r1.seq + 1),
+        "the WAL no longer holds {}: oldest {oldest:?}",
+        r1.seq + 1
+    );
+    let second = tempfile::tempdir().unwrap();
+    let r2 = ferry_transfer::seed(leader.seed_config(second.path()))
+        .await
+        .unwrap();
+    assert!(
+        r2.seq > r1.seq,
+        "a fresh checkpoint, not the cached one at {}: got {}",
+        r1.seq,
+        r2.seq
+    );
+    assert_eq!(r2.seq, leader.store.latest_seq());
+}

@@ -121,6 +121,11 @@ pub trait SnapshotSource: Send + Sync + 'static {
     fn take(&self) -> Result<(CheckpointInfo, Manifest), ferry_engine::Error>;
     /// Deletes a checkpoint no seed needs any more (blocking).
     fn release(&self, cp: &CheckpointInfo);
+    /// The oldest checkpoint sequence a follower seeded now could still
+    /// catch up from (blocking); older cached checkpoints are not reused.
+    fn oldest_catchable(&self) -> ferry_engine::Seq {
+        0
+    }
 }
 
 impl SnapshotSource for Store {
@@ -141,6 +146,15 @@ impl SnapshotSource for Store {
     fn release(&self, cp: &CheckpointInfo) {
         if let Err(e) = self.delete_checkpoint(&cp.name) {
             tracing::warn!(checkpoint = %cp.name, error = %e, "could not delete a seed checkpoint");
+        }
+    }
+
+    fn oldest_catchable(&self) -> ferry_engine::Seq {
+        // The WAL must still hold the batch right after the checkpoint.
+        let latest = self.latest_seq();
+        match self.oldest_wal_seq() {
+            Ok(Some(oldest)) => oldest.saturating_sub(1).min(latest),
+            _ => latest,
         }
     }
 }
@@ -679,12 +693,12 @@ impl Registry {
         }
     }
 
-    fn try_reuse(&self, reuse: Duration) -> Option<Lease> {
+    fn try_reuse(&self, reuse: Duration, oldest: ferry_engine::Seq) -> Option<Lease> {
         let mut g = self.inner.lock();
         let h = g
             .held
             .iter_mut()
-            .filter(|h| h.created.elapsed() < reuse)
+            .filter(|h| h.created.elapsed() < reuse && h.cp.info.seq >= oldest)
             .max_by_key(|h| h.created)?;
         h.users += 1;
         h.idle_since = None;
@@ -695,11 +709,17 @@ impl Registry {
     }
 
     async fn acquire(&self, reuse: Duration) -> Result<Lease, ferry_engine::Error> {
-        if let Some(l) = self.try_reuse(reuse) {
+        // A cached checkpoint the WAL no longer reaches past would send the
+        // new follower straight into a re-seed: never hand it out again.
+        let source = Arc::clone(&self.source);
+        let oldest = tokio::task::spawn_blocking(move || source.oldest_catchable())
+            .await
+            .unwrap_or(u64::MAX);
+        if let Some(l) = self.try_reuse(reuse, oldest) {
             return Ok(l);
         }
         let _creating = self.creating.lock().await;
-        if let Some(l) = self.try_reuse(reuse) {
+        if let Some(l) = self.try_reuse(reuse, oldest) {
             return Ok(l);
         }
         let source = Arc::clone(&self.source);
