@@ -49,7 +49,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     tokio::task::spawn_blocking(move || generate(&ld, keys, vsize)).await??;
     println!(
         "1. leader data: {keys} keys of {vsize} bytes, {} on disk ({:.1}s)",
-        util::human_bytes(dir_size(&leader_dir)),
+        util::human_bytes(crate::datagen::dir_size(&leader_dir)),
         t.elapsed().as_secs_f64()
     );
 
@@ -245,16 +245,4 @@ fn live_load(store: &Store, stop: &AtomicBool, written: &AtomicU64, rate: u64) {
             std::thread::sleep(wait);
         }
     }
-}
-
-fn dir_size(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }
