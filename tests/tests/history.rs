@@ -33,7 +33,10 @@ fn metric(p: &Proc, name: &str) -> f64 {
 /// Leader L and follower F live; L is stopped and its directory copied;
 /// L takes `lost` writes that F applies; L is replaced by the copy and
 /// takes `other` different writes.
-fn fork(extra_follower_flags: &[&str]) -> (tempfile::TempDir, Proc, Proc) {
+/// With `crash`, the follower is killed with `kill -9` and its remembered
+/// last write removed, as if it died before first writing it down: the
+/// proof then comes from its own WAL.
+fn fork(extra_follower_flags: &[&str], crash: bool) -> (tempfile::TempDir, Proc, Proc) {
     let d = tempfile::tempdir().expect("tempdir");
     let ldir = d.path().join("leader");
     let mut leader = Proc::start(&ldir, &["--node-id", "leader"]);
@@ -72,7 +75,13 @@ fn fork(extra_follower_flags: &[&str]) -> (tempfile::TempDir, Proc, Proc) {
     // The leader comes back without them and takes different writes on the
     // same sequence numbers, while the follower is down; then the follower
     // asks for everything after its sequence, which the leader now has.
-    assert!(follower.stop().success());
+    if crash {
+        follower.kill();
+        let proof = d.path().join("f1/.ferry/replica.json");
+        let _ = std::fs::remove_file(&proof);
+    } else {
+        assert!(follower.stop().success());
+    }
     leader.kill();
     std::fs::remove_dir_all(&ldir).expect("rm");
     std::fs::rename(d.path().join("leader-copy"), &ldir).expect("restore");
@@ -85,7 +94,7 @@ fn fork(extra_follower_flags: &[&str]) -> (tempfile::TempDir, Proc, Proc) {
 
 #[test]
 fn a_follower_of_a_leader_that_lost_writes_is_refused_and_reseeds_to_its_content() {
-    let (_d, leader, follower) = fork(&[]);
+    let (_d, leader, follower) = fork(&[], false);
     // Refused with the reason, never silently live on a fork: it re-seeds
     // and ends with exactly the leader's content.
     let deadline = std::time::Instant::now() + T;
@@ -119,7 +128,8 @@ fn a_follower_of_a_leader_that_lost_writes_is_refused_and_reseeds_to_its_content
 
 #[test]
 fn with_on_divergence_stop_the_follower_stays_diverged_with_the_reason() {
-    let (_d, _leader, follower) = fork(&["--on-divergence", "stop"]);
+    // Killed before it wrote down its last write: it still proves it.
+    let (_d, _leader, follower) = fork(&["--on-divergence", "stop"], true);
     follower.wait_state("diverged", T);
     let s = follower.status();
     let detail = s["detail"].as_str().unwrap_or_default().to_owned();

@@ -521,9 +521,20 @@ fn local_proof(store: &Store) -> Option<WriteId> {
     if let Some(w) = store.last_write().filter(|w| w.last == latest) {
         return Some(w);
     }
-    let b = std::fs::read(proof_path(store)).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&b).ok()?;
-    let saved: WriteId = serde_json::from_value(v.get("last_write")?.clone()).ok()?;
+    let saved: Option<WriteId> = std::fs::read(proof_path(store))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| serde_json::from_value(v.get("last_write")?.clone()).ok());
+    let Some(saved) = saved else {
+        // Killed before it first remembered a write: read the last write
+        // from the whole WAL (once, at reconnect).
+        let oldest = store.oldest_wal_seq().ok().flatten()?;
+        return store
+            .last_write_after(oldest.saturating_sub(1))
+            .ok()
+            .flatten()
+            .filter(|w| w.last == latest);
+    };
     if saved.last == latest {
         return Some(saved);
     }
