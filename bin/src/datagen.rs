@@ -414,24 +414,36 @@ pub fn generate(dir: &Path, kind: Values, bytes: u64, seed: u64) -> Result<()> {
     // Write in rounds and measure the files after each flush, so the result
     // is the requested size on disk whatever the compression ratio.
     let round = (bytes / 4).clamp(1 << 20, 64 << 20);
+    let per_round = (round / (vsize as u64 + 21)).max(1);
     while sst_size(dir) < bytes {
-        let mut written = 0u64;
-        let mut b = Batch::new();
-        while written < round {
-            let key = format!("user:{:016x}", rng.random::<u64>());
-            let v = value(kind, &mut rng, id, vsize);
-            written += (key.len() + v.len()) as u64;
-            b.put(key.into_bytes(), v);
-            id += 1;
-            if b.len() == 1000 {
-                store.write(&b)?;
-                b = Batch::new();
-            }
-        }
-        if !b.is_empty() {
-            store.write(&b)?;
-        }
+        write_keys(&store, &mut rng, id, per_round, kind, vsize)?;
+        id += per_round;
         store.flush()?;
+    }
+    Ok(())
+}
+
+/// Writes `n` random keys (ids from `first_id`) with `vsize`-byte values of
+/// `kind`, 1000 to a batch.
+pub fn write_keys(
+    store: &Store,
+    rng: &mut StdRng,
+    first_id: u64,
+    n: u64,
+    kind: Values,
+    vsize: usize,
+) -> Result<()> {
+    let mut b = Batch::new();
+    for id in first_id..first_id + n {
+        let key = format!("user:{:016x}", rng.random::<u64>());
+        b.put(key.into_bytes(), value(kind, rng, id, vsize));
+        if b.len() == 1000 {
+            store.write(&b)?;
+            b = Batch::new();
+        }
+    }
+    if !b.is_empty() {
+        store.write(&b)?;
     }
     Ok(())
 }

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use clap::Args;
-use ferry_engine::{Batch, Store, StoreOptions};
+use ferry_engine::{Store, StoreOptions};
 use ferry_transfer::auth::NodeAuth;
 use ferry_transfer::ServeOptions;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 
 use crate::node::{self, NodeConfig, NodeState};
 use crate::{http, util};
@@ -203,27 +203,19 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Fills a new store with `keys` keys of `vsize`-byte values, in batches.
+/// Fills a new store with `keys` keys of `vsize`-byte values (half random,
+/// half repeated: compressible like real values).
 fn generate(dir: &std::path::Path, keys: u64, vsize: usize) -> Result<()> {
     let store = Store::open(dir, StoreOptions::default())?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    let mut value = vec![0u8; vsize];
-    let mut b = Batch::new();
-    for i in 0..keys {
-        // Half random, half repeated: compressible like real values.
-        rng.fill(&mut value[..vsize / 2]);
-        b.put(
-            format!("user:{:016x}", rng.random::<u64>() ^ i).into_bytes(),
-            value.clone(),
-        );
-        if b.len() == 1000 {
-            store.write(&b)?;
-            b = Batch::new();
-        }
-    }
-    if !b.is_empty() {
-        store.write(&b)?;
-    }
+    crate::datagen::write_keys(
+        &store,
+        &mut rng,
+        0,
+        keys,
+        crate::datagen::Values::Dbbench,
+        vsize,
+    )?;
     store.flush()?;
     Ok(())
 }

@@ -530,31 +530,29 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                     *node.store.write() = None;
                     break;
                 }
-                let (n, wait) = reseed_delay(&node, reseed_wait);
-                tracing::error!(%message, reseeds = n, wait_secs = wait.as_secs_f64(), "this follower diverged from the leader: re-seeding to the leader's content, reusing local files");
-                if !wait.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.wait_for(|s| *s) => break,
-                    }
-                    reseed_wait = (reseed_wait * 2).min(Duration::from_secs(600));
-                }
-                reseed = true;
+                tracing::error!(%message, "this follower diverged from the leader: re-seeding to the leader's content");
             }
             ReplicationEnd::WalPurged { message } => {
-                let (n, wait) = reseed_delay(&node, reseed_wait);
-                tracing::warn!(%message, reseeds = n, wait_secs = wait.as_secs_f64(), "the leader's WAL no longer reaches this follower: re-seeding, reusing local files");
+                tracing::warn!(%message, "the leader's WAL no longer reaches this follower: re-seeding");
                 node.set_state(NodeState::Reseeding, Some(message));
-                if !wait.is_zero() {
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = shutdown.wait_for(|s| *s) => break,
-                    }
-                    reseed_wait = (reseed_wait * 2).min(Duration::from_secs(600));
-                }
-                reseed = true;
             }
         }
+        // Re-seed, reusing local files; back off when re-seeds follow each
+        // other, so a slow link cannot become an endless full-sync loop.
+        let (n, wait) = reseed_delay(&node, reseed_wait);
+        tracing::info!(
+            reseeds = n,
+            wait_secs = wait.as_secs_f64(),
+            "re-seeding, reusing local files"
+        );
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+            reseed_wait = (reseed_wait * 2).min(Duration::from_secs(600));
+        }
+        reseed = true;
     }
     node.set_state(NodeState::Stopped, None);
     Ok(())
