@@ -333,10 +333,18 @@ pub struct Proc {
 impl Proc {
     /// Starts `ferry serve --data DATA` with fresh ports and `extra` flags.
     pub fn start(data: &Path, extra: &[&str]) -> Self {
-        let quic: std::net::SocketAddr =
-            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let http: std::net::SocketAddr =
-            format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(data, Self::free_addr(), extra)
+    }
+
+    /// A free loopback address, for a node whose address others must know
+    /// before it starts.
+    pub fn free_addr() -> std::net::SocketAddr {
+        format!("127.0.0.1:{}", free_port()).parse().expect("addr")
+    }
+
+    /// Starts `ferry serve --data DATA` listening for QUIC on `quic`.
+    pub fn start_at(data: &Path, quic: std::net::SocketAddr, extra: &[&str]) -> Self {
+        let http = Self::free_addr();
         let mut args: Vec<String> = [
             "serve",
             "--data",

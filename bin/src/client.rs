@@ -178,3 +178,38 @@ pub fn compare(
     let same = l["digest"] == f["digest"] && l["seq"] == f["seq"];
     Ok((same, l, f))
 }
+
+/// Promotes the follower at `http`; prints the new history and sequence.
+/// A refusal (409) exits 1 with the node's reason.
+pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
+    let url = format!(
+        "http://{http}/v1/admin/promote{}",
+        if force { "?force=true" } else { "" }
+    );
+    let mut r = agent(Duration::from_secs(40))
+        .post(&url)
+        .send_empty()
+        .with_context(|| format!("POST {url}"))?;
+    let code = r.status().as_u16();
+    let body: Value = r.body_mut().read_json().unwrap_or(Value::Null);
+    if !(200..300).contains(&code) {
+        bail!(
+            "promotion refused by {http} (HTTP {code}): {}",
+            body["error"].as_str().unwrap_or("(no message)")
+        );
+    }
+    if json {
+        println!("{body}");
+    } else {
+        println!(
+            "promoted {http}: history {} begins after sequence {}{}",
+            body["history"].as_str().unwrap_or("?"),
+            body["seq"],
+            body["previous_leader"]
+                .as_str()
+                .map(|l| format!(" (previous leader {l})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(0)
+}

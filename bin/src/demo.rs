@@ -58,7 +58,8 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         data: data.to_path_buf(),
         listen: local,
         node_id: id.into(),
-        follow: None,
+        follow: Vec::new(),
+        peers: Vec::new(),
         seed_from: None,
         token: None,
         tls_files: None,
@@ -95,7 +96,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
     // 3. A new follower joins with the token: seed over QUIC, catch up, live.
     let (_, token) = NodeAuth::load_or_init(&node::tls_dir(&leader_dir), "leader")?;
     let follower = node::start(NodeConfig {
-        follow: Some(leader_quic),
+        follow: vec![leader_quic],
         token: Some(token),
         ..base(&follower_dir, "follower-1")
     })

@@ -68,6 +68,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/digest", get(digest))
         .route("/v1/admin/flush", post(flush))
+        .route("/v1/admin/promote", post(promote))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response_with_state(
@@ -166,8 +167,14 @@ fn store_of(node: &Node) -> Result<Store, ApiError> {
 }
 
 fn writable(node: &Node) -> Result<Store, ApiError> {
+    if let Some(why) = node.fenced() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("this node is fenced and takes no writes: {why}"),
+        ));
+    }
     if !node.is_leader() {
-        let leader = node.cfg.follow.map(|a| a.to_string()).unwrap_or_default();
+        let leader = node.leader().map(|a| a.to_string()).unwrap_or_default();
         let mut e = ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             format!("this node is a follower and takes no writes; write to the leader at {leader}"),
@@ -498,7 +505,9 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "detail": node.detail(),
         "seq": seq,
         "oldest_wal_seq": oldest_wal,
-        "leader": node.cfg.follow.map(|a| a.to_string()),
+        "leader": node.leader().map(|a| a.to_string()),
+        "peers": node.cfg.follow.iter().chain(&node.cfg.peers).map(|a| a.to_string()).collect::<Vec<_>>(),
+        "fenced": node.fenced(),
         "quic": node.quic_addr.read().map(|a| a.to_string()),
         "uptime_secs": node.started.elapsed().as_secs(),
         "followers": followers,
@@ -521,6 +530,32 @@ async fn status(State(node): State<Shared>) -> Response {
     let doc = status_json(&node);
     let seq = doc["seq"].as_u64().unwrap_or(0);
     (StatusCode::OK, seq_header(seq), Json(doc)).into_response()
+}
+
+#[derive(Deserialize)]
+struct PromoteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Makes this follower the leader under a new history (`?force=true`
+/// overrides the refusals a reachable leader or an unfinished catch-up
+/// cause).
+async fn promote(
+    State(node): State<Shared>,
+    Query(q): Query<PromoteQuery>,
+) -> Result<Response, ApiError> {
+    match node.promote(q.force).await {
+        Ok(p) => {
+            counter("ferry_promotions_total");
+            let seq = p.seq;
+            Ok((StatusCode::OK, seq_header(seq), Json(p)).into_response())
+        }
+        Err(crate::node::PromoteError::Conflict(m)) => Err(ApiError::new(StatusCode::CONFLICT, m)),
+        Err(crate::node::PromoteError::Failed(m)) => {
+            Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, m))
+        }
+    }
 }
 
 /// Flushes the memtable to an SST (obsolete WAL files then age out under
@@ -644,6 +679,8 @@ pub fn init_metrics() {
         "ferry_http_errors_total",
         "ferry_http_ack_timeouts_total",
         "ferry_followers_refused_diverged_total",
+        "ferry_promotions_total",
+        "ferry_fenced_total",
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -101,6 +101,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make a caught-up follower the leader at its applied sequence, under a
+    /// new replication history; prints the history id and sequence. Refused
+    /// on a leader and while the old leader is reachable, unless --force.
+    Promote {
+        /// The follower's HTTP address.
+        #[arg(long, env = "FERRY_HTTP")]
+        http: SocketAddr,
+        /// Promote even though the old leader is still reachable or the
+        /// follower is still catching up (two leaders may then take writes;
+        /// give the old one --peers so it fences itself).
+        #[arg(long)]
+        force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seed an empty directory from a leader over QUIC and print the
     /// snapshot's sequence. Resumes an interrupted seed of the same directory.
     Seed(SeedArgs),
@@ -193,10 +209,17 @@ struct ServeArgs {
     /// HTTP API address (JSON API, /v1/status, /metrics).
     #[arg(long, env = "FERRY_HTTP")]
     http: Option<SocketAddr>,
-    /// Follow this leader (its QUIC address): seed, catch up, stay live.
-    /// Without it the node is a leader.
-    #[arg(long, env = "FERRY_FOLLOW")]
-    follow: Option<SocketAddr>,
+    /// Follow the leader (its QUIC address): seed, catch up, stay live.
+    /// Several comma-separated peers: follow whichever of them leads the
+    /// newest history, and switch to a promoted one. Without it the node
+    /// is a leader.
+    #[arg(long, env = "FERRY_FOLLOW", value_delimiter = ',')]
+    follow: Vec<SocketAddr>,
+    /// A leader's peers (comma-separated QUIC addresses), asked at start
+    /// and every second for a newer history: if another node was promoted,
+    /// this one is fenced and takes no writes.
+    #[arg(long, env = "FERRY_PEERS", value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
     /// Seed from this node (any caught-up follower) instead of the leader.
     #[arg(long, env = "FERRY_SEED_FROM", requires = "follow")]
     seed_from: Option<SocketAddr>,
@@ -356,6 +379,7 @@ fn run(cli: Cli) -> Result<i32> {
             json,
         ),
         Command::Certs(c) => certs(c),
+        Command::Promote { http, force, json } => client::promote(http, force, json),
     }
 }
 
@@ -450,6 +474,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         listen: args.listen,
         node_id: node_id.clone(),
         follow: args.follow,
+        peers: args.peers,
         seed_from: args.seed_from,
         token,
         tls_files: match (&args.tls.ca, &args.tls.cert, &args.tls.key) {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use ferry_transfer::replication::{Replication, ReplicationOptions};
 use ferry_transfer::{ClientAuth, Progress, SeedConfig, ServeOptions, Server, TransportOptions};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// How a node runs.
 #[derive(Clone, Debug)]
@@ -30,8 +30,14 @@ pub struct NodeConfig {
     pub data: PathBuf,
     pub listen: SocketAddr,
     pub node_id: String,
-    /// Follow this leader (QUIC address); without it the node leads.
-    pub follow: Option<SocketAddr>,
+    /// Follow the leader among these peers (QUIC addresses); without any
+    /// the node leads. With one address that node is the leader; with
+    /// several, the follower probes them for the one that leads the newest
+    /// history, and switches after a promotion.
+    pub follow: Vec<SocketAddr>,
+    /// A leader's peers: probed at start and every second for a newer
+    /// history, which fences this node (it then takes no writes).
+    pub peers: Vec<SocketAddr>,
     /// Seed from this node instead of the leader (cascading seed).
     pub seed_from: Option<SocketAddr>,
     pub token: Option<JoinToken>,
@@ -74,6 +80,9 @@ pub enum NodeState {
     Unreachable,
     Reseeding,
     Diverged,
+    /// A leader that found a newer history among its peers (another node
+    /// was promoted): it takes no writes and serves no follower.
+    Fenced,
     Stopped,
 }
 
@@ -88,6 +97,7 @@ impl NodeState {
             NodeState::Unreachable => "unreachable",
             NodeState::Reseeding => "reseeding",
             NodeState::Diverged => "diverged",
+            NodeState::Fenced => "fenced",
             NodeState::Stopped => "stopped",
         }
     }
@@ -101,6 +111,10 @@ struct Persisted {
     reseeds: u64,
     last_reseed_unix: u64,
     detail: Option<String>,
+    /// This node was promoted: it restarts as the leader even though its
+    /// command line names peers to follow (until it is fenced).
+    #[serde(default)]
+    promoted: bool,
 }
 
 /// A running node, shared with the HTTP API.
@@ -125,11 +139,137 @@ pub struct Node {
     pub http_addr: RwLock<Option<SocketAddr>>,
     pub started: Instant,
     shutdown: watch::Sender<bool>,
+    /// Whether this node is the leader (a follower becomes one when it is
+    /// promoted).
+    leading: AtomicBool,
+    promoted: AtomicBool,
+    /// Why this leader is fenced, if it is.
+    fenced: RwLock<Option<String>>,
+    /// The leader a follower follows now.
+    leader: RwLock<Option<SocketAddr>>,
+    /// Promotion requests, served by the follower loop.
+    promote_tx: mpsc::Sender<PromoteRequest>,
+    promote_rx: tokio::sync::Mutex<mpsc::Receiver<PromoteRequest>>,
+    persist_lock: Mutex<()>,
 }
 
+/// What a promotion produced: the new term.
+#[derive(Debug, Clone, Serialize)]
+pub struct Promoted {
+    pub history: String,
+    /// The new term begins after this sequence.
+    pub seq: u64,
+    pub previous_leader: Option<String>,
+}
+
+/// Why a promotion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PromoteError {
+    /// The node cannot be promoted in its state (HTTP 409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The promotion did not finish (HTTP 503).
+    #[error("{0}")]
+    Failed(String),
+}
+
+type PromoteRequest = oneshot::Sender<Result<Promoted, String>>;
+
 impl Node {
+    /// Whether the node is the leader (fenced or not).
     pub fn is_leader(&self) -> bool {
-        self.cfg.follow.is_none()
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// Why this leader is fenced, if it is: it then takes no writes.
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.read().clone()
+    }
+
+    /// The leader this follower follows now.
+    pub fn leader(&self) -> Option<SocketAddr> {
+        *self.leader.read()
+    }
+
+    /// The peers a leader checks for a newer history.
+    fn peers(&self) -> Vec<SocketAddr> {
+        let mut p: Vec<SocketAddr> = self
+            .cfg
+            .peers
+            .iter()
+            .chain(&self.cfg.follow)
+            .copied()
+            .collect();
+        p.sort();
+        p.dedup();
+        p
+    }
+
+    /// The history this follower last received from its leader.
+    fn replica_history(&self) -> Option<ferry_engine::History> {
+        ferry_engine::History::load(&self.cfg.data).ok().flatten()
+    }
+
+    /// Makes this follower the leader at its applied sequence, under a new
+    /// history term. Refused on a leader, on a node that is not caught up,
+    /// and while its leader is still reachable, unless `force`.
+    pub async fn promote(&self, force: bool) -> Result<Promoted, PromoteError> {
+        if self.is_leader() {
+            return Err(PromoteError::Conflict(match self.fenced() {
+                Some(why) => format!("this node is a fenced leader ({why}); restart it with --follow to make it a follower"),
+                None => "this node is already the leader".into(),
+            }));
+        }
+        let state = self.state();
+        if !has_database(&self.cfg.data) {
+            return Err(PromoteError::Conflict(format!(
+                "this follower is {} and holds no complete database to lead with",
+                state.as_str()
+            )));
+        }
+        let r = self.replica.snapshot();
+        let leader = self.leader().map(|a| a.to_string()).unwrap_or_default();
+        match state {
+            NodeState::Live | NodeState::Unreachable => {}
+            NodeState::CatchingUp if force => {}
+            NodeState::CatchingUp => {
+                return Err(PromoteError::Conflict(format!(
+                    "this follower is still catching up (applied {} of the leader's {}); use --force to promote it anyway",
+                    r.applied_seq, r.leader_seq
+                )))
+            }
+            s => {
+                return Err(PromoteError::Conflict(format!(
+                    "this follower is {} and holds no complete database to lead with",
+                    s.as_str()
+                )))
+            }
+        }
+        let heard_ms = r
+            .last_contact_unix_ms
+            .map(|t| ferry_transfer::follower::unix_ms().saturating_sub(t));
+        // `unreachable` means no heartbeat for a second (or no connection):
+        // anything else means the leader is alive and may take writes.
+        if !force && state != NodeState::Unreachable {
+            return Err(PromoteError::Conflict(format!(
+                "the leader {leader} is still reachable (heard from {} ms ago) and may be taking writes: stop it first, or use --force (two leaders would then take writes)",
+                heard_ms.unwrap_or(0)
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.promote_tx
+            .try_send(tx)
+            .map_err(|_| PromoteError::Failed("another promotion is in progress".into()))?;
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(Ok(p))) => Ok(p),
+            Ok(Ok(Err(e))) => Err(PromoteError::Failed(e)),
+            Ok(Err(_)) => Err(PromoteError::Failed(
+                "the follower stopped before it was promoted".into(),
+            )),
+            Err(_) => Err(PromoteError::Failed(
+                "the promotion did not finish within 30 s".into(),
+            )),
+        }
     }
 
     /// The open store, unless the node is seeding.
@@ -177,40 +317,38 @@ impl Node {
     }
 
     fn persist(&self) {
-        let p = Persisted {
+        self.persist_with(|_| {});
+    }
+
+    /// Writes `node.json` atomically (and durably) from the node's state,
+    /// after `f` adjusts it.
+    fn persist_with(&self, f: impl FnOnce(&mut Persisted)) {
+        let _serial = self.persist_lock.lock();
+        let mut p = Persisted {
             state: self.state(),
-            leader: self.cfg.follow.map(|a| a.to_string()),
+            leader: self.leader().map(|a| a.to_string()),
             reseeds: self.reseeds.load(Ordering::SeqCst),
             last_reseed_unix: read_persisted(&self.cfg.data)
                 .map(|p| p.last_reseed_unix)
                 .unwrap_or(0),
             detail: self.detail(),
+            promoted: self.promoted.load(Ordering::SeqCst),
         };
-        let dir = ferry_engine::ferry_dir(&self.cfg.data);
-        let _ = std::fs::create_dir_all(&dir);
-        let tmp = dir.join("node.json.tmp");
+        f(&mut p);
+        let path = ferry_engine::ferry_dir(&self.cfg.data).join("node.json");
         if let Ok(data) = serde_json::to_vec_pretty(&p) {
-            if std::fs::write(&tmp, data).is_ok() {
-                let _ = std::fs::rename(&tmp, dir.join("node.json"));
+            if let Err(e) = ferry_engine::write_atomic(&path, &data) {
+                tracing::warn!(error = %e, "cannot record the node's state");
             }
         }
     }
 
     fn note_reseed(&self) -> u64 {
         let n = self.reseeds.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut p = read_persisted(&self.cfg.data).unwrap_or(Persisted {
-            state: NodeState::Reseeding,
-            leader: None,
-            reseeds: 0,
-            last_reseed_unix: 0,
-            detail: None,
+        self.persist_with(|p| {
+            p.reseeds = n;
+            p.last_reseed_unix = unix_now();
         });
-        p.reseeds = n;
-        p.last_reseed_unix = unix_now();
-        let path = ferry_engine::ferry_dir(&self.cfg.data).join("node.json");
-        if let Ok(data) = serde_json::to_vec_pretty(&p) {
-            let _ = std::fs::write(path, data);
-        }
         n
     }
 }
@@ -234,20 +372,33 @@ pub fn tls_dir(data: &Path) -> PathBuf {
 /// Starts a node; returns once it is running (the work goes on in tasks).
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>> {
     let (shutdown, _) = watch::channel(false);
+    let persisted = read_persisted(&cfg.data);
+    // A promoted node leads after a restart too, whatever peers its command
+    // line names (fencing clears the mark).
+    let promoted = persisted.as_ref().is_some_and(|p| p.promoted) && has_database(&cfg.data);
+    let leads = cfg.follow.is_empty() || promoted;
+    let (promote_tx, promote_rx) = mpsc::channel(1);
     let node = Arc::new(Node {
+        leading: AtomicBool::new(leads),
+        promoted: AtomicBool::new(promoted),
+        fenced: RwLock::new(None),
+        leader: RwLock::new(cfg.follow.first().copied().filter(|_| !leads)),
+        promote_tx,
+        promote_rx: tokio::sync::Mutex::new(promote_rx),
+        persist_lock: Mutex::new(()),
         replication: std::sync::OnceLock::new(),
         replica: Arc::default(),
         store: RwLock::new(None),
-        state: RwLock::new(if cfg.follow.is_some() {
-            NodeState::Empty
-        } else {
+        state: RwLock::new(if leads {
             NodeState::Leader
+        } else {
+            NodeState::Empty
         }),
         detail: RwLock::new(None),
         seed_progress: Mutex::new(None),
         last_seed: Mutex::new(None),
         server: RwLock::new(None),
-        reseeds: AtomicU64::new(read_persisted(&cfg.data).map(|p| p.reseeds).unwrap_or(0)),
+        reseeds: AtomicU64::new(persisted.map(|p| p.reseeds).unwrap_or(0)),
         divergences: AtomicU64::new(0),
         history: RwLock::new(None),
         quic_addr: RwLock::new(None),
@@ -305,18 +456,163 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
         .await??
     };
     tracing::info!(history = %history.current().id, start = history.current().start, "replication history");
+    *node.store.write() = Some(store.clone());
+    let (endpoint, server) = serve_quic(&node, &store, auth)?;
+    tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
+    tokio::spawn(close_on_shutdown(endpoint, node.shutdown_requested()));
+    become_leader(&node, &store, &server, history).await;
+    tracing::info!(quic = %cfg.listen, node = %cfg.node_id, seq = store.latest_seq(), "leader running");
+    Ok(node)
+}
+
+/// Makes the node a leader of `history` on an open store and a running
+/// server: replication is served, `Probe` says so, writes are taken. With
+/// peers, it first checks them for a newer history (and keeps checking).
+async fn become_leader(
+    node: &Arc<Node>,
+    store: &Store,
+    server: &Arc<Server>,
+    history: ferry_engine::History,
+) {
+    store.set_follower(false);
     let replication = Replication::new(store.clone(), ReplicationOptions::default());
     replication.set_history(history.clone());
     *node.history.write() = Some(history);
     let _ = node.replication.set(Arc::clone(&replication));
-    *node.store.write() = Some(store.clone());
-    let (endpoint, server) = serve_quic(&node, &store, auth)?;
-    server.set_stream_handler(replication);
-    tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
-    tokio::spawn(close_on_shutdown(endpoint, node.shutdown_requested()));
+    *node.leader.write() = None;
+    node.leading.store(true, Ordering::SeqCst);
+    let n = Arc::downgrade(node);
+    let st = store.clone();
+    server.set_info_provider(Arc::new(move || {
+        let node = n.upgrade();
+        ferry_transfer::leader::NodeInfo {
+            leading: node.as_ref().is_some_and(|n| n.fenced().is_none()),
+            latest_seq: st.latest_seq(),
+            history: node.and_then(|n| n.history.read().clone()),
+        }
+    }));
+    server.set_stream_handler(Arc::clone(&replication) as _);
     node.set_state(NodeState::Leader, None);
-    tracing::info!(quic = %cfg.listen, node = %cfg.node_id, seq = store.latest_seq(), "leader running");
-    Ok(node)
+    let peers = node.peers();
+    if !peers.is_empty() {
+        // Take no write before the peers had their say.
+        check_fence(node, &peers).await;
+        tokio::spawn(fence_watch(Arc::clone(node), peers));
+    }
+}
+
+/// Every second, asks the peers whether one of them holds a newer history
+/// than this leader's: then another node was promoted, and this one must
+/// not take writes.
+async fn fence_watch(node: Arc<Node>, peers: Vec<SocketAddr>) {
+    let mut shutdown = node.shutdown_requested();
+    while node.fenced().is_none() {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        check_fence(&node, &peers).await;
+    }
+}
+
+async fn check_fence(node: &Arc<Node>, peers: &[SocketAddr]) {
+    let Some(ours) = node.history.read().clone() else {
+        return;
+    };
+    let current = ours.current();
+    for (addr, info) in probe_peers(node, peers).await {
+        let Some(theirs) = info.history else { continue };
+        // Our term is followed by another in their history: a node was
+        // promoted after this one's term began.
+        let Some(i) = theirs.terms.iter().position(|t| t.id == current.id) else {
+            continue;
+        };
+        if let Some(next) = theirs.terms.get(i + 1) {
+            let why = format!(
+                "peer {addr} holds history {} that began at sequence {} after this node's term {current_id}; another node was promoted",
+                next.id,
+                next.start,
+                current_id = current.id
+            );
+            tracing::error!("fenced: {why}; taking no writes (restart this node with --follow to make it a follower)");
+            if let Some(r) = node.replication.get() {
+                r.fence(why.clone());
+            }
+            *node.fenced.write() = Some(why.clone());
+            node.promoted.store(false, Ordering::SeqCst);
+            node.set_state(NodeState::Fenced, Some(why));
+            metrics::counter!("ferry_fenced_total").increment(1);
+            return;
+        }
+    }
+}
+
+/// Asks every peer what it is, at once; peers that do not answer within a
+/// second are left out.
+async fn probe_peers(
+    node: &Node,
+    peers: &[SocketAddr],
+) -> Vec<(SocketAddr, ferry_transfer::leader::NodeInfo)> {
+    let Ok(auth) = probe_auth(&node.cfg) else {
+        return Vec::new();
+    };
+    let own = *node.quic_addr.read();
+    let mut set = tokio::task::JoinSet::new();
+    for &peer in peers
+        .iter()
+        .filter(|p| Some(**p) != own && **p != node.cfg.listen)
+    {
+        let (auth, transport, id) = (
+            auth.clone(),
+            node.cfg.transport.clone(),
+            node.cfg.node_id.clone(),
+        );
+        set.spawn(async move {
+            let endpoint = ferry_transfer::endpoint::client_endpoint(
+                ferry_transfer::endpoint::unspecified_for(peer),
+                &transport,
+            )
+            .ok()?;
+            let r = ferry_transfer::client::probe(
+                &endpoint,
+                peer,
+                &auth,
+                &transport,
+                &id,
+                PROBE_TIMEOUT,
+            )
+            .await;
+            endpoint.close(0u32.into(), b"probed");
+            match r {
+                Ok(info) => Some((peer, info)),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "peer did not answer the probe");
+                    None
+                }
+            }
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        if let Ok(Some(x)) = r {
+            out.push(x);
+        }
+    }
+    out.sort_by_key(|(a, _)| peers.iter().position(|p| p == a));
+    out
+}
+
+/// How long one peer probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The credentials this node presents to its peers.
+fn probe_auth(cfg: &NodeConfig) -> Result<ClientAuth> {
+    if cfg.tls_files.is_none() {
+        if let Some(auth) = NodeAuth::load_dir(&tls_dir(&cfg.data))? {
+            return Ok(auth.client_credentials());
+        }
+    }
+    follower_client_auth(cfg)
 }
 
 async fn close_on_shutdown(
@@ -387,7 +683,6 @@ fn has_database(data: &Path) -> bool {
 
 async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
     let cfg = node.cfg.clone();
-    let leader = cfg.follow.context("no leader")?;
     let mut shutdown = node.shutdown_requested();
     let mut reseed = false;
     let mut reseed_wait = cfg.reseed_backoff;
@@ -395,8 +690,28 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         if *shutdown.borrow() {
             break;
         }
+        // 0. Find the leader among the peers (or be promoted while none
+        //    leads).
+        let (leader, mut pending) = match find_leader(&node).await {
+            Some(Found::Leader(a)) => (a, None),
+            Some(Found::Promote(reply)) => {
+                let enrolled =
+                    cfg.tls_files.is_some() || NodeAuth::load_dir(&tls_dir(&cfg.data))?.is_some();
+                if reseed || !has_database(&cfg.data) || !enrolled {
+                    let _ = reply.send(Err(
+                        "this node holds no complete database to lead with".into()
+                    ));
+                    continue;
+                }
+                (cfg.follow[0], Some(reply))
+            }
+            None => break,
+        };
+        if pending.is_none() {
+            *node.leader.write() = Some(leader);
+        }
         // 1. Seed when there is no database (or an unfinished seed).
-        if reseed || !has_database(&cfg.data) {
+        if pending.is_none() && (reseed || !has_database(&cfg.data)) {
             node.set_state(
                 if reseed {
                     NodeState::Reseeding
@@ -478,21 +793,62 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             None => NodeAuth::load_dir(&tls_dir(&cfg.data))?.context("no node identity")?,
         };
         let (endpoint, server) = serve_quic(&node, &store, auth)?;
+        {
+            // Probes learn the history this follower holds, so a returning
+            // old leader finds the newer one here too.
+            let (st, data) = (store.clone(), cfg.data.clone());
+            server.set_info_provider(Arc::new(move || ferry_transfer::leader::NodeInfo {
+                leading: false,
+                latest_seq: st.latest_seq(),
+                history: ferry_engine::History::load(&data).ok().flatten(),
+            }));
+        }
         let serving = tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
 
-        // 4. Catch up and follow, publishing the replica's state.
+        // 4. Catch up and follow, publishing the replica's state, until
+        //    shutdown, a promotion, or a newer leader among the peers.
         node.set_state(NodeState::CatchingUp, None);
         let watcher = tokio::spawn(watch_replica(Arc::clone(&node)));
         let mut rc = ReplicaConfig::new(leader, follower_client_auth(&cfg)?, cfg.node_id.clone());
         rc.transport = cfg.transport.clone();
-        let end = replicate(
-            store.clone(),
-            rc,
-            Arc::clone(&node.replica),
-            node.shutdown_requested(),
-        )
-        .await;
+        let (end, interrupt) = match pending.take() {
+            Some(reply) => (ReplicationEnd::Shutdown, Some(Interrupt::Promote(reply))),
+            None => {
+                let (stop_tx, stop_rx) = watch::channel(false);
+                let interrupts = tokio::spawn(interrupts(Arc::clone(&node), leader, stop_tx));
+                let end = replicate(store.clone(), rc, Arc::clone(&node.replica), stop_rx).await;
+                interrupts.abort();
+                (end, interrupts.await.ok().flatten())
+            }
+        };
         watcher.abort();
+        if let Some(Interrupt::Promote(reply)) = interrupt {
+            if reply.is_closed() {
+                tracing::warn!("a promotion request was abandoned before it was served");
+            }
+            let r = promote_here(&node, &store, &server).await;
+            match r {
+                Ok(p) => {
+                    tracing::info!(history = %p.history, seq = p.seq, "promoted: this node leads now");
+                    let _ = reply.send(Ok(p));
+                    // The endpoint and server keep running as the leader's.
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    endpoint.close(0u32.into(), b"shutdown");
+                    let _ = store.sync_wal();
+                    return Ok(());
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(format!("{e:#}")));
+                    tracing::error!(error = %format!("{e:#}"), "promotion failed; following again");
+                    store.set_follower(true);
+                    serving.abort();
+                    *node.server.write() = None;
+                    *node.store.write() = None;
+                    endpoint.close(0u32.into(), b"restarting");
+                    continue;
+                }
+            }
+        }
 
         // 5. Stop serving and release the database before anything else.
         endpoint.close(0u32.into(), b"restarting");
@@ -510,6 +866,10 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             bail!("the database is still in use after 30s; not re-seeding under it");
         }
         drop(store);
+        if let Some(Interrupt::Switch { to, why }) = interrupt {
+            tracing::warn!(from = %leader, %to, "switching leader: {why}");
+            continue;
+        }
 
         match end {
             ReplicationEnd::Shutdown => break,
@@ -558,6 +918,175 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
     Ok(())
 }
 
+/// Why a follower stopped replicating from its leader while it still could.
+enum Interrupt {
+    Promote(PromoteRequest),
+    Switch { to: SocketAddr, why: String },
+}
+
+/// Stops replication (through `stop`) on shutdown, on a promotion request,
+/// or, with several peers, when another peer leads a newer history or the
+/// current leader no longer leads; returns why.
+async fn interrupts(
+    node: Arc<Node>,
+    leader: SocketAddr,
+    stop: watch::Sender<bool>,
+) -> Option<Interrupt> {
+    let mut shutdown = node.shutdown_requested();
+    let mut requests = node.promote_rx.lock().await;
+    let multi = node.cfg.follow.len() > 1;
+    let why = loop {
+        let probe_due = tokio::select! {
+            _ = shutdown.changed() => false,
+            r = requests.recv() => match r {
+                Some(reply) if !reply.is_closed() => break Some(Interrupt::Promote(reply)),
+                Some(_) => continue,
+                None => break None,
+            },
+            _ = tokio::time::sleep(Duration::from_secs(1)), if multi => true,
+        };
+        if *shutdown.borrow() {
+            break None;
+        }
+        if !probe_due {
+            continue;
+        }
+        let infos = probe_peers(&node, &node.cfg.follow).await;
+        let ours = node.replica_history();
+        let current = infos
+            .iter()
+            .find(|(a, _)| *a == leader)
+            .map(|(_, i)| i.clone());
+        let Some((best, info)) = best_leader(&infos, ours.as_ref()) else {
+            continue;
+        };
+        if best == leader {
+            continue;
+        }
+        let newer = match (&current, &info.history) {
+            (Some(c), Some(h)) => c
+                .history
+                .as_ref()
+                .is_some_and(|ch| ch.is_prefix_of(h) && ch.terms.len() < h.terms.len()),
+            _ => false,
+        };
+        let gone = current.as_ref().is_none_or(|c| !c.leading);
+        if newer || gone {
+            break Some(Interrupt::Switch {
+                to: best,
+                why: if newer {
+                    format!("{best} leads a newer history")
+                } else {
+                    format!("{leader} no longer leads; {best} does")
+                },
+            });
+        }
+    };
+    stop.send_replace(true);
+    why
+}
+
+/// What `find_leader` found.
+enum Found {
+    Leader(SocketAddr),
+    /// No peer leads, and an operator promoted this node.
+    Promote(PromoteRequest),
+}
+
+/// The leader to follow among the peers: the only one given, or the one
+/// that leads the newest history this follower can follow. Waits (and says
+/// so in the status) until one answers, or this node is promoted; `None`
+/// on shutdown.
+async fn find_leader(node: &Arc<Node>) -> Option<Found> {
+    let peers = &node.cfg.follow;
+    if peers.len() == 1 {
+        return Some(Found::Leader(peers[0]));
+    }
+    let mut shutdown = node.shutdown_requested();
+    loop {
+        let infos = probe_peers(node, peers).await;
+        if let Some((a, _)) = best_leader(&infos, node.replica_history().as_ref()) {
+            tracing::info!(leader = %a, "found the leader among the peers");
+            return Some(Found::Leader(a));
+        }
+        let list = peers
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let detail = format!(
+            "no leader among the peers {list}: {} answered, none leads",
+            infos.len()
+        );
+        if node.state() != NodeState::Unreachable || node.detail().as_deref() != Some(&detail) {
+            node.set_state(NodeState::Unreachable, Some(detail));
+        }
+        let mut requests = node.promote_rx.lock().await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            r = requests.recv() => {
+                if let Some(reply) = r.filter(|r| !r.is_closed()) {
+                    return Some(Found::Promote(reply));
+                }
+            }
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            return None;
+        }
+    }
+}
+
+/// The best leader among probed peers: leading, not on a history older
+/// than this follower's own (that is a stale leader, soon fenced), and of
+/// those the one with the most terms, then the highest sequence.
+fn best_leader(
+    infos: &[(SocketAddr, ferry_transfer::leader::NodeInfo)],
+    ours: Option<&ferry_engine::History>,
+) -> Option<(SocketAddr, ferry_transfer::leader::NodeInfo)> {
+    infos
+        .iter()
+        .filter(|(_, i)| i.leading)
+        .filter(|(_, i)| match (ours, &i.history) {
+            (Some(o), Some(h)) => !(h.is_prefix_of(o) && h.terms.len() < o.terms.len()),
+            _ => true,
+        })
+        .max_by_key(|(_, i)| {
+            (
+                ours.is_none_or(|o| i.history.as_ref().is_some_and(|h| o.is_prefix_of(h))),
+                i.history.as_ref().map_or(0, |h| h.terms.len()),
+                i.latest_seq,
+            )
+        })
+        .cloned()
+}
+
+/// Promotes this follower in place: its store, QUIC endpoint and server
+/// stay open; it begins a new term at its applied sequence and leads.
+async fn promote_here(node: &Arc<Node>, store: &Store, server: &Arc<Server>) -> Result<Promoted> {
+    let previous = node.leader().map(|a| a.to_string());
+    let data = node.cfg.data.clone();
+    let s2 = store.clone();
+    let history = tokio::task::spawn_blocking(move || -> Result<ferry_engine::History> {
+        s2.sync_wal().context("sync the WAL before leading")?;
+        let latest = s2.latest_seq();
+        let mut h =
+            ferry_engine::History::load(&data)?.unwrap_or_else(|| ferry_engine::History::new(0));
+        h.begin_term(latest);
+        h.save(&data).context("record the new history")?;
+        Ok(h)
+    })
+    .await??;
+    let term = history.current();
+    node.promoted.store(true, Ordering::SeqCst);
+    become_leader(node, store, server, history).await;
+    Ok(Promoted {
+        history: term.id.to_string(),
+        seq: term.start,
+        previous_leader: previous,
+    })
+}
+
 /// Counts a re-seed and returns the count and how long to wait first: re-
 /// seeds that follow each other within 10 minutes back off, so a slow link
 /// cannot turn into an endless full-sync loop.
@@ -597,7 +1126,7 @@ async fn watch_replica(node: Arc<Node>) {
 
 fn replica_state(node: &Node) -> (NodeState, Option<String>) {
     let s = node.replica.snapshot();
-    let leader = node.cfg.follow.map(|a| a.to_string()).unwrap_or_default();
+    let leader = node.leader().map(|a| a.to_string()).unwrap_or_default();
     let silent_ms = s
         .last_contact_unix_ms
         .map(|t| ferry_transfer::follower::unix_ms().saturating_sub(t));

@@ -165,3 +165,39 @@ impl Client {
         self.conn.close(0u32.into(), b"done");
     }
 }
+
+/// Asks `peer` what it is: whether it leads, its sequence and its history.
+/// The whole exchange is bounded by `timeout`.
+pub async fn probe(
+    endpoint: &Endpoint,
+    peer: SocketAddr,
+    auth: &ClientAuth,
+    transport: &TransportOptions,
+    node_id: &str,
+    timeout: Duration,
+) -> Result<crate::leader::NodeInfo, ConnectError> {
+    let ask = async {
+        let mut client =
+            Client::connect(endpoint, peer, auth, transport, node_id, Role::Observer).await?;
+        let hs = |source| ConnectError::Handshake { peer, source };
+        let reply = client.request(&Frame::Probe).await.map_err(|e| match e {
+            WireError::Peer { code, message } => ConnectError::Refused {
+                peer,
+                code,
+                message,
+            },
+            e => hs(e),
+        })?;
+        client.close().await;
+        crate::leader::NodeInfo::from_frame(reply).ok_or(hs(WireError::Unexpected {
+            got: "another frame",
+            state: "waiting for NodeInfo",
+        }))
+    };
+    tokio::time::timeout(timeout, ask)
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            peer,
+            after: timeout,
+        })?
+}

@@ -180,7 +180,62 @@ pub struct Server {
     activity: Mutex<(u64, Instant)>,
     pub stats: ServerStats,
     streams: Mutex<Option<Arc<dyn StreamHandler>>>,
+    info: Mutex<Option<InfoProvider>>,
 }
+
+/// What a node answers to `Probe`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The node leads and takes writes (a fenced leader does not).
+    pub leading: bool,
+    pub latest_seq: ferry_engine::Seq,
+    /// Its replication history, oldest term first (a follower's copy of
+    /// its leader's).
+    pub history: Option<ferry_engine::History>,
+}
+
+impl NodeInfo {
+    fn to_frame(&self) -> Frame {
+        Frame::NodeInfo {
+            leading: self.leading,
+            latest_seq: self.latest_seq,
+            terms: self
+                .history
+                .as_ref()
+                .map(|h| h.terms.iter().map(|t| (t.id.0, t.start)).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Reads a `NodeInfo` frame.
+    pub fn from_frame(f: Frame) -> Option<Self> {
+        let Frame::NodeInfo {
+            leading,
+            latest_seq,
+            terms,
+        } = f
+        else {
+            return None;
+        };
+        let history = (!terms.is_empty()).then(|| ferry_engine::History {
+            terms: terms
+                .into_iter()
+                .map(|(id, start)| ferry_engine::Term {
+                    id: ferry_engine::HistoryId(id),
+                    start,
+                })
+                .collect(),
+        });
+        Some(Self {
+            leading,
+            latest_seq,
+            history,
+        })
+    }
+}
+
+/// Tells a prober what this node is (the daemon knows its role).
+pub type InfoProvider = Arc<dyn Fn() -> NodeInfo + Send + Sync>;
 
 impl Server {
     pub fn new(store: Store, auth: NodeAuth, opts: ServeOptions) -> Arc<Self> {
@@ -210,6 +265,7 @@ impl Server {
             limiter,
             stats: ServerStats::default(),
             streams: Mutex::new(None),
+            info: Mutex::new(None),
         })
     }
 
@@ -226,6 +282,24 @@ impl Server {
     /// Installs the handler for replication streams.
     pub fn set_stream_handler(&self, h: Arc<dyn StreamHandler>) {
         *self.streams.lock() = Some(h);
+    }
+
+    /// Installs what `Probe` answers; without it the node reports that it
+    /// does not lead, with its sequence and no history.
+    pub fn set_info_provider(&self, f: InfoProvider) {
+        *self.info.lock() = Some(f);
+    }
+
+    fn info(&self) -> NodeInfo {
+        let provider = self.info.lock().clone();
+        match provider {
+            Some(f) => f(),
+            None => NodeInfo {
+                leading: false,
+                latest_seq: self.store.latest_seq(),
+                history: None,
+            },
+        }
     }
 
     /// The fault injection switches (tests only arm them).
@@ -491,6 +565,7 @@ impl Server {
                         message: format!("cannot sign a certificate here: {e}"),
                     },
                 },
+                Frame::Probe => self.info().to_frame(),
                 Frame::SeedDone { session } => {
                     if leases.lock().remove(&session).is_some() {
                         self.stats.seeds_completed.fetch_add(1, Ordering::Relaxed);

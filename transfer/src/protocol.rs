@@ -214,6 +214,17 @@ pub enum Frame {
         cert_pem: String,
         ca_pem: String,
     },
+    /// Asks a node what it is (on the control stream): a follower of a set
+    /// of peers looks for the leader, a leader for a newer history.
+    Probe,
+    /// The answer to `Probe`: whether the node leads (and is not fenced),
+    /// its latest sequence and its replication history (a follower's copy
+    /// of its leader's), oldest term first.
+    NodeInfo {
+        leading: bool,
+        latest_seq: Seq,
+        terms: Vec<([u8; 16], Seq)>,
+    },
 }
 
 /// The type byte of each frame.
@@ -235,6 +246,8 @@ mod ty {
     pub const CERT_REQUEST: u8 = 15;
     pub const CERT_REPLY: u8 = 16;
     pub const HISTORY: u8 = 17;
+    pub const PROBE: u8 = 18;
+    pub const NODE_INFO: u8 = 19;
 }
 
 /// Why a frame could not be decoded.
@@ -277,7 +290,7 @@ fn max_len(ty: u8) -> Option<u32> {
         ty::MANIFEST_REPLY => MAX_MANIFEST_FRAME,
         ty::CHUNK_REPLY => MAX_CHUNK_FRAME,
         ty::BATCHES => MAX_BATCHES_FRAME,
-        1..=17 => MAX_CONTROL_FRAME,
+        1..=19 => MAX_CONTROL_FRAME,
         _ => return None,
     })
 }
@@ -302,6 +315,8 @@ impl Frame {
             Frame::CertRequest { .. } => ty::CERT_REQUEST,
             Frame::CertReply { .. } => ty::CERT_REPLY,
             Frame::History { .. } => ty::HISTORY,
+            Frame::Probe => ty::PROBE,
+            Frame::NodeInfo { .. } => ty::NODE_INFO,
         }
     }
 
@@ -325,6 +340,8 @@ impl Frame {
             Frame::CertRequest { .. } => "CertRequest",
             Frame::CertReply { .. } => "CertReply",
             Frame::History { .. } => "History",
+            Frame::Probe => "Probe",
+            Frame::NodeInfo { .. } => "NodeInfo",
         }
     }
 
@@ -365,7 +382,7 @@ impl Frame {
                 out.put_u16_le(m.len() as u16);
                 out.put_slice(m.as_bytes());
             }
-            Frame::ManifestRequest | Frame::SeedDoneAck => {}
+            Frame::ManifestRequest | Frame::SeedDoneAck | Frame::Probe => {}
             Frame::ManifestReply { session, manifest } => {
                 out.put_u64_le(*session);
                 bulk = Some(manifest.clone());
@@ -404,13 +421,15 @@ impl Frame {
                     out.put_slice(hash);
                 }
             }
-            Frame::History { terms } => {
-                let n = terms.len().min(MAX_TERMS);
-                out.put_u16_le(n as u16);
-                for (id, start) in &terms[terms.len() - n..] {
-                    out.put_slice(id);
-                    out.put_u64_le(*start);
-                }
+            Frame::History { terms } => put_terms(out, terms),
+            Frame::NodeInfo {
+                leading,
+                latest_seq,
+                terms,
+            } => {
+                out.put_u8(u8::from(*leading));
+                out.put_u64_le(*latest_seq);
+                put_terms(out, terms);
             }
             Frame::Batches { batches } => {
                 out.put_u32_le(batches.len() as u32);
@@ -587,23 +606,28 @@ impl Frame {
                     proof,
                 }
             }
-            ty::HISTORY => {
-                need!(2);
-                let n = body.get_u16_le() as usize;
-                if n > MAX_TERMS {
-                    return Err(DecodeError::Malformed {
-                        ty: t,
-                        reason: "too many terms",
-                    });
+            ty::HISTORY => Frame::History {
+                terms: get_terms(&mut body, t)?,
+            },
+            ty::PROBE => Frame::Probe,
+            ty::NODE_INFO => {
+                need!(9);
+                let leading = match body.get_u8() {
+                    0 => false,
+                    1 => true,
+                    _ => {
+                        return Err(DecodeError::Malformed {
+                            ty: t,
+                            reason: "bad flag",
+                        })
+                    }
+                };
+                let latest_seq = body.get_u64_le();
+                Frame::NodeInfo {
+                    leading,
+                    latest_seq,
+                    terms: get_terms(&mut body, t)?,
                 }
-                need!(n * 24);
-                let mut terms = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let mut id = [0u8; 16];
-                    body.copy_to_slice(&mut id);
-                    terms.push((id, body.get_u64_le()));
-                }
-                Frame::History { terms }
             }
             ty::BATCHES => {
                 need!(4);
@@ -676,6 +700,43 @@ impl Frame {
         }
         Ok(frame)
     }
+}
+
+/// Terms as a count and `(id, start)` pairs; only the newest `MAX_TERMS`.
+fn put_terms(out: &mut Vec<u8>, terms: &[([u8; 16], Seq)]) {
+    let n = terms.len().min(MAX_TERMS);
+    out.put_u16_le(n as u16);
+    for (id, start) in &terms[terms.len() - n..] {
+        out.put_slice(id);
+        out.put_u64_le(*start);
+    }
+}
+
+fn get_terms(body: &mut Bytes, t: u8) -> Result<Vec<([u8; 16], Seq)>, DecodeError> {
+    let short = DecodeError::Malformed {
+        ty: t,
+        reason: "truncated",
+    };
+    if body.remaining() < 2 {
+        return Err(short);
+    }
+    let n = body.get_u16_le() as usize;
+    if n > MAX_TERMS {
+        return Err(DecodeError::Malformed {
+            ty: t,
+            reason: "too many terms",
+        });
+    }
+    if body.remaining() < n * 24 {
+        return Err(short);
+    }
+    let mut terms = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut id = [0u8; 16];
+        body.copy_to_slice(&mut id);
+        terms.push((id, body.get_u64_le()));
+    }
+    Ok(terms)
 }
 
 fn put_str8(out: &mut Vec<u8>, s: &str) {
@@ -886,6 +947,23 @@ mod tests {
             enc(Frame::Mark { seq: 2 }),
             concat!("08000000", "0e", "0200000000000000")
         );
+        assert_eq!(enc(Frame::Probe), concat!("00000000", "12"));
+        assert_eq!(
+            enc(Frame::NodeInfo {
+                leading: true,
+                latest_seq: 3,
+                terms: vec![([2; 16], 1)]
+            }),
+            concat!(
+                "23000000",
+                "13",
+                "01",
+                "0300000000000000",
+                "0100",
+                "02020202020202020202020202020202",
+                "0100000000000000"
+            )
+        );
     }
 
     #[test]
@@ -986,6 +1064,17 @@ mod tests {
             ".{0,300}".prop_map(|csr_pem| Frame::CertRequest { csr_pem }),
             (".{0,300}", ".{0,300}")
                 .prop_map(|(cert_pem, ca_pem)| Frame::CertReply { cert_pem, ca_pem }),
+            Just(Frame::Probe),
+            (
+                any::<bool>(),
+                any::<u64>(),
+                proptest::collection::vec((any::<[u8; 16]>(), any::<u64>()), 0..5)
+            )
+                .prop_map(|(leading, latest_seq, terms)| Frame::NodeInfo {
+                    leading,
+                    latest_seq,
+                    terms
+                }),
         ]
     }
 

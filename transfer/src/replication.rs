@@ -60,6 +60,7 @@ pub struct FollowerInfo {
     /// Age of the oldest batch sent and not yet acknowledged.
     pub lag_ms: u64,
     pub bytes_sent: u64,
+    /// Seconds since it connected (since it disconnected, when it did).
     pub connected_secs: u64,
     /// Live, with nothing sent more than a second ago still unacknowledged:
     /// a semi-synchronous write would not wait on it.
@@ -116,7 +117,12 @@ impl FollowerState {
     }
 
     fn set_state(&self, s: &'static str) {
-        self.inner.lock().state = s;
+        let mut t = self.inner.lock();
+        if s == "disconnected" && t.state != s {
+            // From now on `since` dates the disconnection.
+            t.since = Instant::now();
+        }
+        t.state = s;
     }
 
     fn info(&self, latest: Seq) -> FollowerInfo {
@@ -152,7 +158,15 @@ enum StreamEnd {
     Engine(#[from] EngineError),
     #[error("the follower went away")]
     Gone,
+    #[error("this node is fenced: {0}")]
+    Fenced(String),
 }
+
+/// Disconnected followers are forgotten after this long, and beyond this
+/// many entries the longest-disconnected go first: peers choose their node
+/// ids, so the table must not grow with every id ever seen.
+const FORGET_DISCONNECTED: Duration = Duration::from_secs(3600);
+const MAX_TRACKED_FOLLOWERS: usize = 256;
 
 /// The leader's replication service; install it with
 /// [`crate::Server::set_stream_handler`].
@@ -166,6 +180,9 @@ pub struct Replication {
     history: Mutex<Option<History>>,
     /// Bumped on every acknowledgement from any follower.
     acks_tx: watch::Sender<u64>,
+    /// Set when a newer history was found among the peers: this node must
+    /// not lead any more, and serves no follower.
+    fenced: watch::Sender<Option<String>>,
 }
 
 impl Replication {
@@ -179,7 +196,42 @@ impl Replication {
             marks_tx,
             history: Mutex::new(None),
             acks_tx: watch::channel(0).0,
+            fenced: watch::channel(None).0,
         })
+    }
+
+    /// Fences this leader: every follower stream ends, and new ones are
+    /// refused with `reason`.
+    pub fn fence(&self, reason: String) {
+        self.fenced.send_replace(Some(reason));
+    }
+
+    /// Why this leader is fenced, if it is.
+    pub fn fenced(&self) -> Option<String> {
+        self.fenced.borrow().clone()
+    }
+
+    /// Forgets followers that have been away long, and the oldest away
+    /// ones beyond the table's bound.
+    fn prune_followers(&self) {
+        let mut f = self.followers.lock();
+        f.retain(|_, st| {
+            let t = st.inner.lock();
+            t.state != "disconnected" || t.since.elapsed() < FORGET_DISCONNECTED
+        });
+        while f.len() > MAX_TRACKED_FOLLOWERS {
+            let oldest = f
+                .iter()
+                .filter(|(_, st)| st.inner.lock().state == "disconnected")
+                .min_by_key(|(_, st)| st.inner.lock().since)
+                .map(|(k, _)| k.clone());
+            match oldest {
+                Some(k) => {
+                    f.remove(&k);
+                }
+                None => break,
+            }
+        }
     }
 
     /// Followers connected now that have durably applied `seq`.
@@ -318,6 +370,14 @@ impl Replication {
         recv: RecvStream,
     ) {
         let latest = self.store.latest_seq();
+        if let Some(why) = self.fenced() {
+            return send_error(
+                &mut send,
+                ErrorCode::Unavailable,
+                format!("this node is fenced and does not lead: {why}"),
+            )
+            .await;
+        }
         if let Err(msg) = self.check_follower(after, history, proof).await {
             tracing::error!(node = %peer.node_id, "refusing a diverged follower: {msg}");
             metrics::counter!("ferry_followers_refused_diverged_total").increment(1);
@@ -350,10 +410,26 @@ impl Replication {
         self.followers
             .lock()
             .insert(peer.node_id.clone(), Arc::clone(&st));
+        self.prune_followers();
         tracing::info!(node = %peer.node_id, after, leader_seq = latest, "follower subscribed");
         let acks = tokio::spawn(read_acks(recv, Arc::clone(&st), self.acks_tx.clone()));
-        let end = self.stream(&st, after, &mut send).await;
+        let mut fenced = self.fenced.subscribe();
+        let end = tokio::select! {
+            end = self.stream(&st, after, &mut send) => end,
+            f = fenced.wait_for(|f| f.is_some()) => Err(StreamEnd::Fenced(
+                f.ok().and_then(|f| f.clone()).unwrap_or_default(),
+            )),
+        };
         match end {
+            Err(StreamEnd::Fenced(why)) => {
+                tracing::warn!(node = %peer.node_id, "ending a follower stream: this node is fenced");
+                send_error(
+                    &mut send,
+                    ErrorCode::Unavailable,
+                    format!("this node is fenced and does not lead: {why}"),
+                )
+                .await;
+            }
             Err(StreamEnd::Engine(EngineError::WalPurged {
                 requested,
                 oldest_available,
