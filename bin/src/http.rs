@@ -221,12 +221,25 @@ async fn wait_for_seq(
     let Some(min) = min_seq else { return Ok(()) };
     let timeout = Duration::from_millis(timeout_ms.unwrap_or(5000)).min(MAX_WAIT);
     let mut news = store.feed().subscribe();
+    let mut closing = store.closing();
     let deadline = tokio::time::Instant::now() + timeout;
     while store.latest_seq() < min {
-        if tokio::time::timeout_at(deadline, news.changed())
-            .await
-            .is_err()
-        {
+        // The node is about to replace its database (a re-seed): let go
+        // of the handle rather than hold the re-seed up.
+        if *closing.borrow() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the node is closing its database (re-seeding or stopping) at sequence {}; retry",
+                    store.latest_seq()
+                ),
+            ));
+        }
+        let woke = tokio::select! {
+            r = tokio::time::timeout_at(deadline, news.changed()) => r.is_ok(),
+            _ = closing.changed() => true,
+        };
+        if !woke {
             return Err(ApiError::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!(
@@ -587,6 +600,13 @@ async fn digest(
     Query(p): Query<DigestParams>,
 ) -> Result<Response, ApiError> {
     let store = store_of(&node)?;
+    // Each digest reads the whole database on a thread of its own.
+    let _slot = digest_slots().try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_DIGESTS} digests are already running here; retry when they finish"),
+        )
+    })?;
     let d = match (p.seq, p.mark.unwrap_or(false), node.replication.get()) {
         (None, true, Some(repl)) => {
             let (_, handle) = repl.spawn_marked_digest()?;
@@ -604,6 +624,14 @@ async fn digest(
         _ => blocking(move || store.digest()).await?,
     };
     Ok((StatusCode::OK, seq_header(d.seq), Json(d)).into_response())
+}
+
+/// Digests computed at once per node (each scans the whole database).
+const MAX_DIGESTS: usize = 2;
+
+fn digest_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_DIGESTS);
+    &SLOTS
 }
 
 /// The digest at exactly `seq`: the one a mark produced, or a fresh one

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use ferry_engine::{Store, StoreOptions};
 use ferry_transfer::auth::{Enrollment, JoinToken, NodeAuth};
 use ferry_transfer::follower::{replicate, ReplicaConfig, ReplicaStatus, ReplicationEnd};
@@ -858,12 +858,25 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         drop(server);
         *node.store.write() = None;
         let _ = store.sync_wal();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while store.handles() > 1 && Instant::now() < deadline {
+        // Everything that still holds the database is asked to let go; the
+        // node waits for it (re-seeding under an open database would break
+        // it) and says so, but never gives up for good.
+        store.request_close();
+        let since = Instant::now();
+        let mut warned = since;
+        while store.handles() > 1 {
+            if *shutdown.borrow() {
+                break;
+            }
+            if warned.elapsed() >= Duration::from_secs(30) {
+                tracing::warn!(
+                    handles = store.handles() - 1,
+                    waited_secs = since.elapsed().as_secs(),
+                    "the database is still in use; waiting before replacing it"
+                );
+                warned = Instant::now();
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if store.handles() > 1 {
-            bail!("the database is still in use after 30s; not re-seeding under it");
         }
         drop(store);
         if let Some(Interrupt::Switch { to, why }) = interrupt {

@@ -368,19 +368,29 @@ impl HashCache {
             let first = self.entries.keys().next().cloned().unwrap_or_default();
             self.entries.remove(&first);
         }
-        let tmp = path.with_extension("tmp");
         let data = serde_json::to_vec(&self.entries).map_err(|e| Error::Malformed {
             what: "hash cache",
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, data).map_err(io("write", &tmp))?;
-        std::fs::rename(&tmp, path).map_err(io("rename", path))?;
+        crate::store::write_atomic(path, &data)?;
         self.dirty = false;
         Ok(())
     }
 
-    fn key(identity: &str, name: &FileName, size: u64, chunk_size: u32) -> String {
-        format!("{identity}/{name}/{size}/{chunk_size}")
+    /// A file's cache key. Name and size are not enough: a re-seeded node
+    /// keeps its database identity and reuses file numbers, so a new file
+    /// can have an old file's name and size. The inode and modification
+    /// time tell them apart (a checkpoint's hard link shares both with the
+    /// live file, so the cache still serves every checkpoint).
+    fn key(identity: &str, name: &FileName, meta: &std::fs::Metadata, chunk_size: u32) -> String {
+        use std::os::unix::fs::MetadataExt;
+        format!(
+            "{identity}/{name}/{}/{chunk_size}/{}/{}.{}",
+            meta.len(),
+            meta.ino(),
+            meta.mtime(),
+            meta.mtime_nsec()
+        )
     }
 
     fn lookup(&self, key: &str) -> Option<(Hash, Vec<Hash>)> {
@@ -437,8 +447,9 @@ pub fn build_manifest(
     let mut files = Vec::with_capacity(names.len());
     for name in names {
         let path = dir.join(name.as_str());
-        let size = std::fs::metadata(&path).map_err(io("stat", &path))?.len();
-        let key = HashCache::key(identity, &name, size, chunk_size);
+        let meta = std::fs::metadata(&path).map_err(io("stat", &path))?;
+        let size = meta.len();
+        let key = HashCache::key(identity, &name, &meta, chunk_size);
         if name.is_immutable() {
             if let Some((hash, chunks)) = cache.lookup(&key) {
                 stats.cache_hits += 1;
@@ -563,6 +574,29 @@ pub fn hash_file(path: &Path, chunk_size: u32) -> Result<(Hash, Vec<Hash>, u64)>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_file_with_an_old_name_and_size_is_hashed_again() {
+        // A re-seeded node keeps its identity and reuses file numbers.
+        let d = tempfile::tempdir().unwrap();
+        let cache_path = d.path().join("hash-cache.json");
+        let sst = d.path().join("000009.sst");
+        std::fs::write(&sst, vec![1u8; 5000]).unwrap();
+        let mut cache = HashCache::load(&cache_path);
+        let (m1, _) = build_manifest(d.path(), 1, MIN_CHUNK_SIZE, "id", &mut cache).unwrap();
+        cache.save().unwrap();
+        // Replaced the way a seed installs files: a new file renamed over.
+        let tmp = d.path().join("new.tmp");
+        std::fs::write(&tmp, vec![2u8; 5000]).unwrap();
+        std::fs::rename(&tmp, &sst).unwrap();
+        let mut cache = HashCache::load(&cache_path);
+        let (m2, _) = build_manifest(d.path(), 1, MIN_CHUNK_SIZE, "id", &mut cache).unwrap();
+        assert_ne!(m1.files[0].hash, m2.files[0].hash, "a stale cached hash");
+        assert_eq!(m2.files[0].hash, hash_file(&sst, MIN_CHUNK_SIZE).unwrap().0);
+        // An untouched file still comes from the cache.
+        let (_, stats) = build_manifest(d.path(), 1, MIN_CHUNK_SIZE, "id", &mut cache).unwrap();
+        assert_eq!(stats.cache_hits, 1);
+    }
 
     #[test]
     fn file_names() {

@@ -152,6 +152,9 @@ struct Inner {
     durable: std::sync::atomic::AtomicU64,
     /// The last write or applied group: what a follower proves it holds.
     last_write: Mutex<Option<WriteId>>,
+    /// Set when the owner wants every handle released (a re-seed replaces
+    /// the database): long waits holding a handle watch it and give up.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// One RocksDB write (a client batch on a leader, an applied group of the
@@ -321,8 +324,21 @@ impl Store {
                 sync_lock: Mutex::new(()),
                 durable: std::sync::atomic::AtomicU64::new(latest),
                 last_write: Mutex::new(None),
+                closing: tokio::sync::watch::channel(false).0,
             }),
         }
+    }
+
+    /// Asks every holder of a handle to let go: the owner is about to
+    /// close (or replace) the database.
+    pub fn request_close(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    /// Becomes true once [`Store::request_close`] was called; waits that
+    /// hold a handle select on it.
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.closing.subscribe()
     }
 
     pub fn path(&self) -> &Path {

@@ -17,7 +17,10 @@
 //!
 //! Staging layout: `seed/manifest.bin` (the manifest being fetched),
 //! `seed/verified.bin` (one bit per chunk, manifest order),
-//! `seed/installing` (present once every chunk is verified), and the files.
+//! `seed/installing` (present once every chunk is verified), `seed/moving`
+//! (present while an old database is set aside into `seed/reuse/`), and the
+//! files. A finished staging directory is renamed to `seed.trash` before it
+//! is deleted.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -43,6 +46,8 @@ const BITMAP_FILE: &str = "verified.bin";
 const INSTALLING: &str = "installing";
 /// The old database's files, kept aside during a re-seed.
 const REUSE_DIR: &str = "reuse";
+/// Present while the old database is being moved into `reuse/`.
+const MOVING: &str = "moving";
 
 /// Errors of a seed.
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +289,26 @@ impl Bitmap {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bits
     }
+
+    /// The bitmap as stored: the id of the manifest whose chunk order it
+    /// follows, then the bits. A bitmap is only ever read back against the
+    /// same manifest, so a crash between writing a new bitmap and its new
+    /// manifest cannot pair it with the old one.
+    pub fn encode_for(&self, manifest: &ferry_engine::ManifestId) -> Vec<u8> {
+        let mut out = Vec::with_capacity(32 + self.bits.len());
+        out.extend_from_slice(&manifest.0);
+        out.extend_from_slice(&self.bits);
+        out
+    }
+
+    /// Reads a stored bitmap if it belongs to `manifest`.
+    pub fn decode_for(bytes: &[u8], manifest: &Manifest) -> Option<Self> {
+        let (id, bits) = bytes.split_at_checked(32)?;
+        if id != manifest.id().0 {
+            return None;
+        }
+        Self::from_bytes(bits, manifest.total_chunks())
+    }
 }
 
 /// The global index of each file's first chunk.
@@ -389,7 +414,12 @@ struct Tally {
 fn prepare_target(data: &Path, reuse_existing: bool) -> Result<PathBuf, SeedError> {
     std::fs::create_dir_all(data).map_err(io("create directory", data))?;
     let staging = seed_dir(data);
+    remove_trash(data)?;
     if staging.exists() {
+        if staging.join(MOVING).exists() {
+            // A crash while the old database was being set aside: finish.
+            move_aside(data, &staging)?;
+        }
         return Ok(staging);
     }
     let mut others = Vec::new();
@@ -402,20 +432,13 @@ fn prepare_target(data: &Path, reuse_existing: bool) -> Result<PathBuf, SeedErro
     if reuse_existing && others.iter().any(|n| n == "CURRENT") {
         // Keep the old database's files aside for reuse; from here on the
         // directory is a seed in progress and never opens as a database.
+        // The `moving` marker makes the move resumable: a crash half-way
+        // must not leave old WAL files beside the new database.
         let reuse = staging.join(REUSE_DIR);
         std::fs::create_dir_all(&reuse).map_err(io("create directory", &reuse))?;
-        // CURRENT first: without it the rest is no database.
-        others.sort_by_key(|n| n != "CURRENT");
-        for name in &others {
-            let from = data.join(name);
-            if ferry_engine::FileName::parse(name).is_ok() {
-                std::fs::rename(&from, reuse.join(name)).map_err(io("rename", &from))?;
-            } else if from.is_file() {
-                std::fs::remove_file(&from).map_err(io("remove", &from))?;
-            }
-        }
-        sync_dir(&reuse)?;
-        sync_dir(data)?;
+        write_atomic(&staging.join(MOVING), b"")?;
+        sync_dir(&ferry_engine::ferry_dir(data))?;
+        move_aside(data, &staging)?;
         return Ok(staging);
     }
     if others.iter().any(|n| n == "CURRENT") {
@@ -434,6 +457,50 @@ fn prepare_target(data: &Path, reuse_existing: bool) -> Result<PathBuf, SeedErro
     }
     std::fs::create_dir_all(&staging).map_err(io("create directory", &staging))?;
     Ok(staging)
+}
+
+/// Moves the old database's files into `staging/reuse` (CURRENT first:
+/// without it the rest is no database) and deletes its other files; then
+/// removes the `moving` marker. Safe to run again after a crash.
+fn move_aside(data: &Path, staging: &Path) -> Result<(), SeedError> {
+    let reuse = staging.join(REUSE_DIR);
+    std::fs::create_dir_all(&reuse).map_err(io("create directory", &reuse))?;
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(data).map_err(io("read directory", data))? {
+        let e = e.map_err(io("read directory", data))?;
+        if e.file_name() != ferry_engine::FERRY_DIR {
+            names.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort_by_key(|n| n != "CURRENT");
+    for name in &names {
+        let from = data.join(name);
+        if ferry_engine::FileName::parse(name).is_ok() {
+            std::fs::rename(&from, reuse.join(name)).map_err(io("rename", &from))?;
+        } else if from.is_file() {
+            std::fs::remove_file(&from).map_err(io("remove", &from))?;
+        }
+    }
+    sync_dir(&reuse)?;
+    sync_dir(data)?;
+    let marker = staging.join(MOVING);
+    std::fs::remove_file(&marker).map_err(io("remove", &marker))?;
+    sync_dir(staging)
+}
+
+/// Where a finished staging directory goes to be deleted: renamed there
+/// in one step, so a crash during the deletion leaves no half-deleted
+/// staging directory behind (which would look like a seed to resume).
+fn trash_dir(data: &Path) -> PathBuf {
+    ferry_engine::ferry_dir(data).join("seed.trash")
+}
+
+fn remove_trash(data: &Path) -> Result<(), SeedError> {
+    let trash = trash_dir(data);
+    if trash.exists() {
+        std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))?;
+    }
+    Ok(())
 }
 
 fn read_manifest(staging: &Path) -> Result<Manifest, SeedError> {
@@ -468,8 +535,10 @@ fn reconcile(staging: &Path, manifest: &Manifest) -> Result<(Bitmap, Extent, Ext
     let bits = match &old {
         Some(old) => {
             let bytes = std::fs::read(staging.join(BITMAP_FILE)).unwrap_or_default();
-            let old_bits = Bitmap::from_bytes(&bytes, old.total_chunks())
-                .unwrap_or_else(|| Bitmap::new(old.total_chunks()));
+            let old_bits = Bitmap::decode_for(&bytes, old).unwrap_or_else(|| {
+                tracing::warn!("the verified-chunk bitmap does not belong to the staged manifest; starting its chunks over");
+                Bitmap::new(old.total_chunks())
+            });
             carry_over(old, &old_bits, manifest)
         }
         None => Bitmap::new(manifest.total_chunks()),
@@ -500,8 +569,9 @@ fn reconcile(staging: &Path, manifest: &Manifest) -> Result<(Bitmap, Extent, Ext
     let carried = verified_extent(manifest, &bits);
     reuse_local_files(staging, manifest, &mut bits)?;
     let after = verified_extent(manifest, &bits);
-    // Bitmap first: it refers to the new manifest's chunk order.
-    write_atomic(&staging.join(BITMAP_FILE), bits.as_bytes())?;
+    // The bitmap names the manifest it follows: after a crash between the
+    // two writes it does not match the manifest on disk and is dropped.
+    write_atomic(&staging.join(BITMAP_FILE), &bits.encode_for(&manifest.id()))?;
     write_atomic(&staging.join(MANIFEST_FILE), &manifest.encode())?;
     Ok((bits, carried, (after.0 - carried.0, after.1 - carried.1)))
 }
@@ -958,6 +1028,7 @@ async fn keep_state(
     let mut last_progress = Instant::now();
     let mut done_bytes = reused;
     let total = manifest.total_bytes();
+    let manifest_id = manifest.id();
     let report = |done: u64, wire: u64| {
         if let Some(p) = &progress {
             p(&Progress {
@@ -994,14 +1065,14 @@ async fn keep_state(
             for &i in &pending {
                 next.set(i);
             }
-            let (st, snapshot) = (staging.clone(), next.clone());
+            let (st, snapshot) = (staging.clone(), next.encode_for(&manifest_id));
             tokio::task::spawn_blocking(move || -> Result<(), SeedError> {
                 for p in &files {
                     std::fs::File::open(p)
                         .and_then(|f| f.sync_data())
                         .map_err(io("sync", p))?;
                 }
-                write_atomic(&st.join(BITMAP_FILE), snapshot.as_bytes())
+                write_atomic(&st.join(BITMAP_FILE), &snapshot)
             })
             .await
             .map_err(join_err)??;
@@ -1025,6 +1096,18 @@ async fn keep_state(
 /// removes the staging directory; then opens the result read-only and
 /// checks it holds the manifest's sequence.
 fn finish_install(data: &Path, staging: &Path, manifest: &Manifest) -> Result<Seq, SeedError> {
+    // The staged database must be at the manifest's sequence before any of
+    // it becomes visible (after a crash half-way CURRENT may be in place
+    // already; the check after the install covers that case).
+    if staging.join("CURRENT").exists() {
+        let found = Store::open_read_only(staging)?.latest_seq();
+        if found != manifest.seq {
+            return Err(SeedError::SequenceMismatch {
+                expected: manifest.seq,
+                found,
+            });
+        }
+    }
     for f in manifest
         .files
         .iter()
@@ -1047,8 +1130,14 @@ fn finish_install(data: &Path, staging: &Path, manifest: &Manifest) -> Result<Se
         std::fs::rename(&current, data.join("CURRENT")).map_err(io("rename", &current))?;
         sync_dir(data)?;
     }
-    std::fs::remove_dir_all(staging).map_err(io("remove", staging))?;
+    // One rename ends the seed; the deletion after it may be cut short.
+    let trash = trash_dir(data);
+    if trash.exists() {
+        std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))?;
+    }
+    std::fs::rename(staging, &trash).map_err(io("rename", staging))?;
     sync_dir(&ferry_engine::ferry_dir(data))?;
+    std::fs::remove_dir_all(&trash).map_err(io("remove", &trash))?;
     let found = Store::open_read_only(data)?.latest_seq();
     if found != manifest.seq {
         return Err(SeedError::SequenceMismatch {
@@ -1128,5 +1217,88 @@ mod tests {
         let mut other = new.clone();
         other.chunk_size = 1 << 17;
         assert_eq!(carry_over(&old, &bits, &other).count(), 0);
+    }
+
+    #[test]
+    fn a_bitmap_written_for_a_new_manifest_never_pairs_with_the_old_one() {
+        // Resume state for `old`: its first file's chunks all verified.
+        let old = manifest(&[
+            ("000001.sst", vec![[1; 32], [2; 32]]),
+            ("000002.log", vec![[4; 32]]),
+            ("CURRENT", vec![[5; 32]]),
+        ]);
+        // The next manifest lists a new file first: its bit 0 is another
+        // file's chunk than old's bit 0.
+        let new = manifest(&[
+            ("000000.sst", vec![[7; 32], [8; 32]]),
+            ("000001.sst", vec![[1; 32], [2; 32]]),
+            ("000002.log", vec![[4; 32]]),
+            ("CURRENT", vec![[5; 32]]),
+        ]);
+        let d = tempfile::tempdir().unwrap();
+        let staging = d.path();
+        std::fs::write(staging.join(MANIFEST_FILE), old.encode()).unwrap();
+        assert_eq!(read_manifest(staging).unwrap(), old);
+        // A crash after the new bitmap (all of the new SST verified, say)
+        // was written and before the new manifest was.
+        let mut newbits = Bitmap::new(6);
+        newbits.set(0);
+        newbits.set(1);
+        std::fs::write(staging.join(BITMAP_FILE), newbits.encode_for(&new.id())).unwrap();
+        // On resume against `old` the bitmap is not taken as old's ...
+        let (bits, carried, _) = reconcile(staging, &old).unwrap();
+        assert_eq!(bits.count(), 0, "chunks never written count as verified");
+        assert_eq!(carried, (0, 0));
+        // ... while a bitmap that does belong to the manifest is.
+        let mut oldbits = Bitmap::new(4);
+        oldbits.set(2);
+        std::fs::write(staging.join(BITMAP_FILE), oldbits.encode_for(&old.id())).unwrap();
+        let (bits, _, _) = reconcile(staging, &old).unwrap();
+        assert!(bits.get(2) && bits.count() == 1);
+    }
+
+    #[test]
+    fn a_crash_while_setting_the_old_database_aside_is_finished_on_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let data = d.path();
+        for name in [
+            "CURRENT",
+            "MANIFEST-000005",
+            "000007.log",
+            "000008.sst",
+            "LOG",
+        ] {
+            std::fs::write(data.join(name), name).unwrap();
+        }
+        // The crash: staging and the marker exist, only CURRENT was moved.
+        let staging = seed_dir(data);
+        std::fs::create_dir_all(staging.join(REUSE_DIR)).unwrap();
+        std::fs::write(staging.join(MOVING), b"").unwrap();
+        std::fs::rename(
+            data.join("CURRENT"),
+            staging.join(REUSE_DIR).join("CURRENT"),
+        )
+        .unwrap();
+        // And a finished seed's staging directory whose deletion was cut short.
+        std::fs::create_dir_all(trash_dir(data).join("x")).unwrap();
+
+        assert_eq!(prepare_target(data, true).unwrap(), staging);
+        let left: Vec<String> = std::fs::read_dir(data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != ferry_engine::FERRY_DIR)
+            .collect();
+        assert!(
+            left.is_empty(),
+            "old files beside the new database: {left:?}"
+        );
+        for name in ["CURRENT", "MANIFEST-000005", "000007.log", "000008.sst"] {
+            assert!(
+                staging.join(REUSE_DIR).join(name).exists(),
+                "{name} kept for reuse"
+            );
+        }
+        assert!(!staging.join(MOVING).exists());
+        assert!(!trash_dir(data).exists());
     }
 }
