@@ -707,6 +707,8 @@ pub fn init_metrics() {
         "ferry_http_errors_total",
         "ferry_http_ack_timeouts_total",
         "ferry_followers_refused_diverged_total",
+        "ferry_replication_wal_batches_total",
+        "ferry_oversize_batches_total",
         "ferry_promotions_total",
         "ferry_fenced_total",
     ] {

@@ -539,3 +539,59 @@ fn the_http_api_on_leader_and_follower() {
         );
     }
 }
+
+#[test]
+fn a_follower_away_across_a_leader_restart_catches_up_from_the_wal() {
+    let d = dirs();
+    let mut leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    leader.fill("base-", 2000, 200, 100);
+    let mut follower = Proc::follower(
+        &d.path().join("f1"),
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &[],
+    );
+    follower.wait_state("live", T);
+    assert!(follower.stop().success());
+    // 300 batches while it is away; the restart empties the leader's
+    // in-memory feed, so only its WAL holds them.
+    leader.fill("away-", 30_000, 100, 100);
+    assert!(leader.stop().success());
+    leader.spawn();
+    follower.spawn();
+    follower.wait_state("live", T);
+    let m = ferry_tests::get(&leader.url("/metrics")).text();
+    let from_wal: f64 = m
+        .lines()
+        .find(|l| l.starts_with("ferry_replication_wal_batches_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(from_wal >= 300.0, "served from the WAL: {from_wal}\n{m}");
+    let s = follower.status();
+    assert_eq!(s["reseeds"], 0, "{s}");
+    assert!(leader
+        .log_text()
+        .contains("catching the follower up from the WAL"));
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn verify_exits_3_when_the_digests_differ() {
+    // Two nodes at the same sequence with different contents.
+    let d = dirs();
+    let a = Proc::start(&d.path().join("a"), &["--node-id", "a"]);
+    let b = Proc::start(&d.path().join("b"), &["--node-id", "b"]);
+    let sa = a.fill("k-", 100, 10, 50);
+    let sb = b.fill("k-", 99, 10, 50);
+    assert_eq!(sa, sb + 1);
+    b.put("k-00000099", b"not what a holds");
+    let (code, out) = verify(&a, &b);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.to_lowercase().contains("mismatch") || out.contains("differ"),
+        "{out}"
+    );
+}

@@ -160,7 +160,20 @@ enum StreamEnd {
     Gone,
     #[error("this node is fenced: {0}")]
     Fenced(String),
+    /// One WAL batch is larger than a `Batches` frame may be: it cannot be
+    /// streamed, and the follower must get past it with a re-seed.
+    #[error("the batch at sequences {first}..={last} is {bytes} bytes, over the {limit}-byte frame limit")]
+    Oversize {
+        first: Seq,
+        last: Seq,
+        bytes: usize,
+        limit: u32,
+    },
 }
+
+/// The largest batch a `Batches` frame carries (its header and the frame's
+/// own count take the rest).
+const MAX_STREAMED_BATCH: usize = crate::protocol::MAX_BATCHES_FRAME as usize - 64;
 
 /// Disconnected followers are forgotten after this long, and beyond this
 /// many entries the longest-disconnected go first: peers choose their node
@@ -441,6 +454,12 @@ impl Replication {
                 );
                 send_error(&mut send, ErrorCode::WalPurged, msg).await;
             }
+            Err(e @ StreamEnd::Oversize { .. }) => {
+                tracing::error!(node = %peer.node_id, error = %e, "a batch too large to stream: the follower must re-seed past it");
+                metrics::counter!("ferry_oversize_batches_total").increment(1);
+                let msg = format!("{e}; it cannot be streamed, re-seed past it");
+                send_error(&mut send, ErrorCode::WalPurged, msg).await;
+            }
             Err(StreamEnd::Engine(e)) => {
                 tracing::error!(node = %peer.node_id, error = %e, "replication failed");
                 send_error(&mut send, ErrorCode::Internal, e.to_string()).await;
@@ -566,10 +585,13 @@ impl Replication {
                 let _ = tx.blocking_send(Ok(group));
             }
         });
+        tracing::info!(node = %st.node_id, after = pos, "catching the follower up from the WAL");
         let mut at = pos;
         while let Some(group) = rx.recv().await {
+            let group = group?;
+            metrics::counter!("ferry_replication_wal_batches_total").increment(group.len() as u64);
             at = self
-                .send_batches(st, send, group?.into_iter(), at, marked)
+                .send_batches(st, send, group.into_iter(), at, marked)
                 .await?;
         }
         let _ = reader.await;
@@ -598,8 +620,26 @@ impl Replication {
                 }
                 .into());
             }
+            let len = b.data().len();
+            if len > MAX_STREAMED_BATCH {
+                if !frame.is_empty() {
+                    self.flush(st, send, &mut frame, pos, bytes).await?;
+                }
+                return Err(StreamEnd::Oversize {
+                    first: b.first(),
+                    last: b.last(),
+                    bytes: len,
+                    limit: crate::protocol::MAX_BATCHES_FRAME,
+                });
+            }
+            // A frame never grows past the limit: what is gathered goes
+            // first when this batch would not fit beside it.
+            if !frame.is_empty() && bytes + len + 16 * (frame.len() + 1) > MAX_STREAMED_BATCH {
+                self.flush(st, send, &mut frame, pos, bytes).await?;
+                bytes = 0;
+            }
             pos = b.last();
-            bytes += b.data().len();
+            bytes += len;
             frame.push((b.first(), b.count(), b.data().clone()));
             let at_mark = mark == Some(pos);
             if bytes >= self.opts.max_frame_bytes || at_mark {
