@@ -722,3 +722,56 @@ async fn a_cached_checkpoint_behind_the_wal_is_not_reused() {
     );
     assert_eq!(r2.seq, leader.store.latest_seq());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_are_capped_and_do_not_lock_out_real_peers() {
+    let leader = TestLeader::start(
+        opts(),
+        ServeOptions {
+            max_unauthenticated: 3,
+            ..ServeOptions::default()
+        },
+    );
+    fill(&leader.store, 20, 1);
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let connect = || async {
+        let cfg = ferry_transfer::endpoint::client_config(
+            &ClientAuth::from_token(&leader.token),
+            &TransportOptions::default(),
+        )
+        .unwrap();
+        endpoint.connect_with(cfg, leader.addr, "ferry").unwrap().await
+    };
+    // Three peers that finish TLS and never say Hello hold every slot ...
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect().await.expect("within the cap"));
+    }
+    // ... so a fourth is refused at once, not queued.
+    let fourth = tokio::time::timeout(Duration::from_secs(5), connect())
+        .await
+        .expect("refused, not left hanging");
+    assert!(fourth.is_err(), "a connection beyond the cap");
+    assert!(
+        leader
+            .server
+            .stats
+            .refused_unauthenticated
+            .load(Ordering::Relaxed)
+            >= 1
+    );
+    // When they go, real peers get in.
+    for c in idle.drain(..) {
+        c.close(0u32.into(), b"bye");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = tempfile::tempdir().unwrap();
+    let report = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .expect("a real peer seeds after the idle ones left");
+    assert_eq!(report.seq, leader.store.latest_seq());
+}

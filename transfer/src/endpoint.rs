@@ -127,6 +127,16 @@ impl TransportOptions {
     }
 }
 
+/// A server's per-stream receive window: requests, `Hello`s and
+/// acknowledgements are small.
+pub const SERVER_STREAM_WINDOW: u32 = 256 << 10;
+/// What an unauthenticated peer may have in flight to a server.
+pub const UNAUTHENTICATED_RECEIVE_WINDOW: u32 = 64 << 10;
+/// A server's connection receive window once the peer authenticated.
+pub const AUTHENTICATED_RECEIVE_WINDOW: u32 = 4 << 20;
+/// Streams an authenticated peer may open at once (its chunk requests).
+pub const AUTHENTICATED_STREAMS: u32 = 256;
+
 /// Errors of endpoint setup.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
@@ -191,7 +201,14 @@ pub fn server_endpoint(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(auth.server_crypto()?)
         .map_err(|e| AuthError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(opts.transport()));
+    // A server receives only small requests and acknowledgements; before a
+    // peer authenticates it may open one stream and have 64 KiB in flight
+    // (a Hello's bound). The server raises both after the Hello checks out.
+    let mut t = opts.transport();
+    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(UNAUTHENTICATED_RECEIVE_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    cfg.transport_config(Arc::new(t));
     cfg.migration(false);
     let sock = socket(addr, opts)?;
     let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {

@@ -73,6 +73,9 @@ pub struct ServeOptions {
     pub checkpoint_reuse: Duration,
     /// Chunk requests served at once per connection.
     pub max_chunks_in_flight: usize,
+    /// Connections that have not authenticated yet (in the TLS handshake or
+    /// before their `Hello`); further ones are refused until some finish.
+    pub max_unauthenticated: usize,
     pub faults: Arc<Faults>,
 }
 
@@ -86,6 +89,7 @@ impl Default for ServeOptions {
             checkpoint_grace: Duration::from_secs(60),
             checkpoint_reuse: Duration::from_secs(600),
             max_chunks_in_flight: 64,
+            max_unauthenticated: 64,
             faults: Arc::default(),
         }
     }
@@ -100,6 +104,8 @@ pub struct ServerStats {
     pub chunk_bytes_raw: AtomicU64,
     pub chunk_bytes_sent: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Connections refused because too many were still unauthenticated.
+    pub refused_unauthenticated: AtomicU64,
 }
 
 /// A handler for streams that are not part of seeding (replication).
@@ -338,13 +344,24 @@ impl Server {
                 }
             }
         }));
+        let unauthenticated = Arc::new(Semaphore::new(self.opts.max_unauthenticated.max(1)));
         while let Some(incoming) = endpoint.accept().await {
+            // An unauthenticated peer gets a slot, a small receive window
+            // and one stream, and nothing more until its Hello checks out.
+            let Ok(slot) = Arc::clone(&unauthenticated).try_acquire_owned() else {
+                self.stats
+                    .refused_unauthenticated
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %incoming.remote_address(), "refused: too many unauthenticated connections");
+                incoming.refuse();
+                continue;
+            };
             let this = Arc::clone(&self);
             tokio::spawn(async move {
                 let peer = incoming.remote_address();
                 match incoming.await {
                     Ok(conn) => {
-                        if let Err(e) = this.serve_connection(conn).await {
+                        if let Err(e) = this.serve_connection(conn, slot).await {
                             tracing::debug!(%peer, error = %e, "connection ended");
                         }
                     }
@@ -354,7 +371,11 @@ impl Server {
         }
     }
 
-    async fn serve_connection(self: Arc<Self>, conn: Connection) -> Result<(), WireError> {
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Connection,
+        slot: tokio::sync::OwnedSemaphorePermit,
+    ) -> Result<(), WireError> {
         let addr = conn.remote_address();
         let Ok(Ok((mut send, mut recv))) =
             tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
@@ -397,6 +418,9 @@ impl Server {
             }
         };
         tracing::info!(peer = %addr, node = %peer.node_id, role = ?peer.role, "peer authenticated");
+        drop(slot);
+        conn.set_receive_window(quinn::VarInt::from_u32(crate::endpoint::AUTHENTICATED_RECEIVE_WINDOW));
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::endpoint::AUTHENTICATED_STREAMS));
         write_frame(
             &mut send,
             &Frame::Welcome {
