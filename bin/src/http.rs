@@ -540,7 +540,11 @@ pub fn status_json(node: &Node) -> serde_json::Value {
 }
 
 async fn status(State(node): State<Shared>) -> Response {
-    let doc = status_json(&node);
+    // It reads the oldest WAL file's sequence from disk.
+    let n = Arc::clone(&node);
+    let doc = tokio::task::spawn_blocking(move || status_json(&n))
+        .await
+        .unwrap_or_else(|e| json!({ "error": e.to_string() }));
     let seq = doc["seq"].as_u64().unwrap_or(0);
     (StatusCode::OK, seq_header(seq), Json(doc)).into_response()
 }
@@ -609,8 +613,9 @@ async fn digest(
     })?;
     let d = match (p.seq, p.mark.unwrap_or(false), node.replication.get()) {
         (None, true, Some(repl)) => {
-            let (_, handle) = repl.spawn_marked_digest()?;
+            let repl = Arc::clone(repl);
             blocking(move || {
+                let (_, handle) = repl.spawn_marked_digest()?;
                 handle.join().unwrap_or_else(|_| {
                     Err(EngineError::Malformed {
                         what: "digest",

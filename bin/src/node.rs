@@ -337,7 +337,15 @@ impl Node {
         f(&mut p);
         let path = ferry_engine::ferry_dir(&self.cfg.data).join("node.json");
         if let Ok(data) = serde_json::to_vec_pretty(&p) {
-            if let Err(e) = ferry_engine::write_atomic(&path, &data) {
+            // An fsync: off the async workers' hot path where possible.
+            let write = || ferry_engine::write_atomic(&path, &data);
+            let r = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(write)
+                }
+                _ => write(),
+            };
+            if let Err(e) = r {
                 tracing::warn!(error = %e, "cannot record the node's state");
             }
         }

@@ -744,7 +744,10 @@ async fn unauthenticated_connections_are_capped_and_do_not_lock_out_real_peers()
             &TransportOptions::default(),
         )
         .unwrap();
-        endpoint.connect_with(cfg, leader.addr, "ferry").unwrap().await
+        endpoint
+            .connect_with(cfg, leader.addr, "ferry")
+            .unwrap()
+            .await
     };
     // Three peers that finish TLS and never say Hello hold every slot ...
     let mut idle = Vec::new();
@@ -774,4 +777,56 @@ async fn unauthenticated_connections_are_capped_and_do_not_lock_out_real_peers()
         .await
         .expect("a real peer seeds after the idle ones left");
     assert_eq!(report.seq, leader.store.latest_seq());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_followers_enroll() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    let auth = ClientAuth::from_token(&leader.token);
+    let csr = ferry_transfer::auth::Enrollment::new("n1").unwrap().csr_pem;
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    // A one-shot seeder holds the token too, but gets no certificate.
+    let mut seeder = Client::connect(
+        &endpoint,
+        leader.addr,
+        &auth,
+        &TransportOptions::default(),
+        "n1",
+        Role::Seeder,
+    )
+    .await
+    .unwrap();
+    let r = seeder
+        .request(&Frame::CertRequest {
+            csr_pem: csr.clone(),
+        })
+        .await;
+    assert!(
+        matches!(
+            r,
+            Ok(Frame::Error {
+                code: ErrorCode::Unauthorized,
+                ..
+            }) | Err(ferry_transfer::wire::WireError::Peer {
+                code: ErrorCode::Unauthorized,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+    // A follower does.
+    let (cert, _ca) = ferry_transfer::follower::enroll(
+        leader.addr,
+        &auth,
+        "n1",
+        &TransportOptions::default(),
+        &csr,
+    )
+    .await
+    .expect("a follower enrolls");
+    assert!(cert.contains("BEGIN CERTIFICATE"));
 }

@@ -419,8 +419,12 @@ impl Server {
         };
         tracing::info!(peer = %addr, node = %peer.node_id, role = ?peer.role, "peer authenticated");
         drop(slot);
-        conn.set_receive_window(quinn::VarInt::from_u32(crate::endpoint::AUTHENTICATED_RECEIVE_WINDOW));
-        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(crate::endpoint::AUTHENTICATED_STREAMS));
+        conn.set_receive_window(quinn::VarInt::from_u32(
+            crate::endpoint::AUTHENTICATED_RECEIVE_WINDOW,
+        ));
+        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(
+            crate::endpoint::AUTHENTICATED_STREAMS,
+        ));
         write_frame(
             &mut send,
             &Frame::Welcome {
@@ -575,6 +579,13 @@ impl Server {
                         },
                     }
                 }
+                Frame::CertRequest { .. } if peer.role != Role::Follower => Frame::Error {
+                    code: ErrorCode::Unauthorized,
+                    message: format!(
+                        "only followers enroll; a {:?} gets no certificate",
+                        peer.role
+                    ),
+                },
                 Frame::CertRequest { csr_pem } => match self.auth.sign_csr(&csr_pem, &peer.node_id)
                 {
                     Ok(cert_pem) => {

@@ -355,7 +355,10 @@ pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
     if staging.join(INSTALLING).exists() {
         // Every chunk was verified before the crash; finish the install.
         let manifest = read_manifest(&staging)?;
-        let seq = finish_install(&cfg.data_dir, &staging, &manifest)?;
+        let (data, st, m) = (cfg.data_dir.clone(), staging.clone(), manifest.clone());
+        let seq = tokio::task::spawn_blocking(move || finish_install(&data, &st, &m))
+            .await
+            .map_err(join_err)??;
         tracing::info!(seq, "finished an interrupted install");
         return Ok(SeedReport {
             seq,
