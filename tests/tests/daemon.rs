@@ -595,3 +595,120 @@ fn verify_exits_3_when_the_digests_differ() {
         "{out}"
     );
 }
+
+#[test]
+fn kill_nine_of_the_leader_during_a_seed_and_while_streaming() {
+    let d = dirs();
+    // A slow seed (2 MB/s), so the leader dies in the middle of it.
+    let mut leader = Proc::start(
+        &d.path().join("leader"),
+        &["--node-id", "leader", "--max-rate", "2M"],
+    );
+    leader.fill("base-", 40_000, 1000, 200);
+    let follower = Proc::follower(
+        &d.path().join("f1"),
+        "f1",
+        leader.quic,
+        &leader.token(),
+        &["--reseed-backoff-secs", "1"],
+    );
+    let deadline = std::time::Instant::now() + T;
+    while follower.status()["seed"]["bytes_done"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no seed progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    leader.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    leader.spawn();
+    follower.wait_state("live", T);
+    assert_eq!(follower.status()["reseeds"], 0);
+
+    // Streaming under load: every write the leader acknowledged survives
+    // its kill -9 and reaches the follower.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (url, stop, acked) = (leader.url("/v1/kv"), Arc::clone(&stop), Arc::clone(&acked));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let r = ferry_tests::http(
+                    "PUT",
+                    &format!("{url}/w-{i:08}"),
+                    Some(("application/octet-stream", b"v")),
+                );
+                if r.is_ok_and(|r| r.status == 200) {
+                    acked.store(i, Ordering::Relaxed);
+                    i += 1;
+                } else {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    leader.kill();
+    let last_before = acked.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(300));
+    leader.spawn();
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    assert!(
+        acked.load(Ordering::Relaxed) > last_before,
+        "writes resumed"
+    );
+    let g = ferry_tests::get(&leader.url(&format!("/v1/kv/w-{last_before:08}")));
+    assert_eq!(g.status, 200, "an acknowledged write survived kill -9");
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(follower.status()["reseeds"], 0);
+}
+
+#[test]
+fn operator_certificates_from_ferry_certs_run_a_cluster_end_to_end() {
+    let d = dirs();
+    let pki = d.path().join("pki");
+    let p = pki.to_str().expect("utf-8");
+    ferry_tests::ferry(&["certs", "init-ca", "--out", p]);
+    for name in ["leader", "f1"] {
+        ferry_tests::ferry(&["certs", "issue", "--ca-dir", p, "--name", name, "--out", p]);
+    }
+    let files = |name: &str| {
+        vec![
+            "--ca".to_owned(),
+            format!("{p}/ca.pem"),
+            "--cert".to_owned(),
+            format!("{p}/{name}.pem"),
+            "--key".to_owned(),
+            format!("{p}/{name}.key"),
+        ]
+    };
+    let mut largs = vec!["--node-id".to_owned(), "leader".to_owned()];
+    largs.extend(files("leader"));
+    let largs: Vec<&str> = largs.iter().map(String::as_str).collect();
+    let mut leader = Proc::start(&d.path().join("leader"), &largs);
+    leader.fill("k-", 2000, 200, 100);
+    let q = leader.quic.to_string();
+    let mut fargs = vec![
+        "--node-id".to_owned(),
+        "f1".to_owned(),
+        "--follow".to_owned(),
+        q,
+    ];
+    fargs.extend(files("f1"));
+    let fargs: Vec<&str> = fargs.iter().map(String::as_str).collect();
+    let follower = Proc::start(&d.path().join("f1"), &fargs);
+    follower.wait_state("live", T);
+    leader.fill("more-", 500, 100, 100);
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    // No join token anywhere: the leader has no secret to hand out.
+    assert!(!leader.data.join(".ferry/tls/join-secret").exists());
+    // SIGTERM stops the leader cleanly.
+    assert!(leader.stop().success());
+}

@@ -830,3 +830,81 @@ async fn only_followers_enroll() {
     .expect("a follower enrolls");
     assert!(cert.contains("BEGIN CERTIFICATE"));
 }
+
+/// A leader with 2 MB of noise (it does not compress) and 6 MB of values
+/// that repeat one 3 KB record: RocksDB's per-block LZ4 cannot see the
+/// repeats across its 4 KiB blocks, a chunk-wide zstd window can.
+fn leader_with_mixed_data(serve: ServeOptions) -> TestLeader {
+    let leader = TestLeader::start(opts(), serve);
+    fill_incompressible(&leader.store, 2000);
+    leader.store.flush().unwrap();
+    let record = ferry_tests::noise("record", 3000);
+    for i in 0..2000 {
+        leader
+            .store
+            .put(format!("rec-{i:06}"), format!("{i}:{record}"))
+            .unwrap();
+    }
+    leader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_compression_mode_does_what_it_says_and_the_data_arrives_intact() {
+    use ferry_transfer::Compression;
+    let mut wire = Vec::new();
+    for compression in [
+        Compression::Off,
+        Compression::Always { level: 1 },
+        Compression::default(),
+    ] {
+        let leader = leader_with_mixed_data(ServeOptions {
+            compression,
+            ..ServeOptions::default()
+        });
+        let target = tempfile::tempdir().unwrap();
+        let r = ferry_transfer::seed(leader.seed_config(target.path()))
+            .await
+            .unwrap();
+        let seeded = Store::open_read_only(target.path()).unwrap();
+        assert_eq!(
+            seeded.digest().unwrap(),
+            leader.checkpoint_digest(r.seq),
+            "{compression:?}"
+        );
+        wire.push((compression, r.wire_bytes as f64 / r.bytes_fetched as f64));
+    }
+    let ratio = |i: usize| wire[i].1;
+    assert!(ratio(0) >= 1.0, "off sends every byte as is: {wire:?}");
+    assert!(ratio(1) < 0.75, "always compresses the repeats: {wire:?}");
+    // auto compresses the files whose first chunk shrinks by half; the
+    // noise goes raw.
+    assert!(ratio(2) < 0.75, "{wire:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_rate_caps_the_seed() {
+    let rate = 2u64 << 20;
+    let leader = TestLeader::start(
+        opts(),
+        ServeOptions {
+            max_rate: Some(rate),
+            compression: ferry_transfer::Compression::Off,
+            ..ServeOptions::default()
+        },
+    );
+    fill_incompressible(&leader.store, 6000);
+    leader.store.flush().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    let t = std::time::Instant::now();
+    let r = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let floor = r.wire_bytes as f64 / rate as f64;
+    // Never faster than the cap allows (less one second of burst).
+    assert!(
+        secs >= floor - 1.0,
+        "{} bytes in {secs:.2} s at a cap of {rate} B/s",
+        r.wire_bytes
+    );
+}

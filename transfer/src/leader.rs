@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -48,12 +48,15 @@ impl Default for Compression {
     }
 }
 
-/// Test-only fault injection; inert unless a test arms it.
+/// Test-only fault injection, compiled only with the `faults` feature (the
+/// integration tests enable it; `cargo install` and `cargo build -p ferry`
+/// leave it out of the shipped binary).
+#[cfg(feature = "faults")]
 #[derive(Debug, Default)]
 pub struct Faults {
     /// Corrupt this many of the next chunk replies (one byte flipped after
     /// the hash was taken, as a bad disk or buggy sender would).
-    pub corrupt_chunks: AtomicU32,
+    pub corrupt_chunks: std::sync::atomic::AtomicU32,
 }
 
 /// Settings of the serving side.
@@ -76,6 +79,7 @@ pub struct ServeOptions {
     /// Connections that have not authenticated yet (in the TLS handshake or
     /// before their `Hello`); further ones are refused until some finish.
     pub max_unauthenticated: usize,
+    #[cfg(feature = "faults")]
     pub faults: Arc<Faults>,
 }
 
@@ -90,6 +94,7 @@ impl Default for ServeOptions {
             checkpoint_reuse: Duration::from_secs(600),
             max_chunks_in_flight: 64,
             max_unauthenticated: 64,
+            #[cfg(feature = "faults")]
             faults: Arc::default(),
         }
     }
@@ -309,6 +314,7 @@ impl Server {
     }
 
     /// The fault injection switches (tests only arm them).
+    #[cfg(feature = "faults")]
     pub fn faults(&self) -> Arc<Faults> {
         Arc::clone(&self.opts.faults)
     }
@@ -643,11 +649,13 @@ impl Server {
             cp.read_chunk(file as usize, chunk as usize, compression)
         })
         .await;
+        #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
         let (codec, raw_len, mut data) = match read {
             Ok(Ok(r)) => r,
             Ok(Err((code, msg))) => return send_error(&mut send, code, msg).await,
             Err(e) => return send_error(&mut send, ErrorCode::Internal, e.to_string()).await,
         };
+        #[cfg(feature = "faults")]
         if self
             .opts
             .faults
