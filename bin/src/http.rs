@@ -70,6 +70,10 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/admin/flush", post(flush))
         .route("/v1/admin/promote", post(promote))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&node),
+            time_writes,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response_with_state(
             Arc::clone(&node),
@@ -99,6 +103,28 @@ async fn add_seq_header(State(node): State<Shared>, mut resp: Response) -> Respo
             if let Ok(v) = HeaderValue::from_str(&at.to_string()) {
                 resp.headers_mut().insert("x-ferry-last-contact", v);
             }
+        }
+    }
+    resp
+}
+
+/// Reports each write's latency, as the client sees it from here, to the
+/// store: seeds served by this node back off when it grows (the leader is
+/// short of CPU or disk for its foreground load).
+async fn time_writes(
+    State(node): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let write = matches!(
+        *req.method(),
+        axum::http::Method::PUT | axum::http::Method::DELETE | axum::http::Method::POST
+    ) && !req.uri().path().starts_with("/v1/admin");
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    if write && resp.status().is_success() {
+        if let Some(store) = node.store() {
+            store.record_write_latency(started.elapsed());
         }
     }
     resp

@@ -483,6 +483,8 @@ async fn become_leader(
     history: ferry_engine::History,
 ) {
     store.set_follower(false);
+    // The HTTP API times writes end to end for the seeds' busy control.
+    store.set_external_write_latency(true);
     let replication = Replication::new(store.clone(), ReplicationOptions::default());
     replication.set_history(history.clone());
     *node.history.write() = Some(history);

@@ -155,6 +155,13 @@ struct Inner {
     /// Set when the owner wants every handle released (a re-seed replaces
     /// the database): long waits holding a handle watch it and give up.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Total latency (nanoseconds) and count of the writes since the last
+    /// `take_write_latency`: the foreground load's health, which a seed
+    /// served from this store backs off from.
+    write_latency: Mutex<(u128, u64)>,
+    /// The owner records foreground latency itself (end to end, as its
+    /// clients see it) through `record_write_latency`.
+    external_latency: AtomicBool,
 }
 
 /// One RocksDB write (a client batch on a leader, an applied group of the
@@ -325,8 +332,47 @@ impl Store {
                 durable: std::sync::atomic::AtomicU64::new(latest),
                 last_write: Mutex::new(None),
                 closing: tokio::sync::watch::channel(false).0,
+                write_latency: Mutex::new((0, 0)),
+                external_latency: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// The mean latency of `write` (commit and, with durable shipping, the
+    /// WAL sync) since the last call, and how many writes it covers; `None`
+    /// when there were none. One caller (the seed server's busy control)
+    /// samples it.
+    pub fn take_write_latency(&self) -> Option<(std::time::Duration, u64)> {
+        let mut l = self.inner.write_latency.lock();
+        let (ns, n) = std::mem::take(&mut *l);
+        (n > 0).then(|| {
+            (
+                std::time::Duration::from_nanos((ns / u128::from(n)) as u64),
+                n,
+            )
+        })
+    }
+
+    /// From now on the owner reports write latency (see
+    /// [`Store::record_write_latency`]) instead of `write` measuring it.
+    pub fn set_external_write_latency(&self, on: bool) {
+        self.inner.external_latency.store(on, Ordering::Relaxed);
+    }
+
+    /// Records one foreground write's latency as its client saw it.
+    pub fn record_write_latency(&self, took: std::time::Duration) {
+        let mut l = self.inner.write_latency.lock();
+        l.0 += took.as_nanos();
+        l.1 += 1;
+    }
+
+    fn note_write_latency(&self, took: std::time::Duration) {
+        if self.inner.external_latency.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut l = self.inner.write_latency.lock();
+        l.0 += took.as_nanos();
+        l.1 += 1;
     }
 
     /// Asks every holder of a handle to let go: the owner is about to
@@ -399,6 +445,7 @@ impl Store {
         let count = wb.len() as u32;
         let data = Bytes::copy_from_slice(wb.data());
         let durable = self.inner.opts.durable_shipping && !self.inner.opts.sync_writes;
+        let started = std::time::Instant::now();
         let g = self.inner.write_lock.lock();
         let before = self.latest_seq();
         self.inner
@@ -427,7 +474,9 @@ impl Store {
         } else {
             self.inner.feed.publish(raw);
             self.inner.durable.store(last, Ordering::SeqCst);
+            drop(g);
         }
+        self.note_write_latency(started.elapsed());
         Ok(SeqRange { first, last })
     }
 

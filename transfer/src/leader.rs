@@ -186,7 +186,9 @@ pub struct Server {
     opts: ServeOptions,
     registry: Registry,
     limiter: Option<RateLimiter>,
-    busy_limiter: Option<RateLimiter>,
+    /// Seed bandwidth while the store takes writes, steered by their
+    /// latency (see [`BusyControl`]).
+    busy: Option<BusyControl>,
     /// The store's sequence when last seen, and when it last moved.
     activity: Mutex<(u64, Instant)>,
     pub stats: ServerStats,
@@ -261,13 +263,13 @@ impl Server {
         opts: ServeOptions,
     ) -> Arc<Self> {
         let limiter = opts.max_rate.map(RateLimiter::new);
-        let busy_limiter = opts.busy_max_rate.map(RateLimiter::new);
+        let busy = opts.busy_max_rate.map(BusyControl::new);
         let idle_since = Instant::now()
             .checked_sub(Duration::from_secs(3600))
             .unwrap_or_else(Instant::now);
         let activity = Mutex::new((store.latest_seq(), idle_since));
         Arc::new(Self {
-            busy_limiter,
+            busy,
             activity,
             registry: Registry::new(source),
             store,
@@ -347,6 +349,19 @@ impl Server {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     let Some(this) = this.upgrade() else { return };
                     this.registry.reap(this.opts.checkpoint_grace).await;
+                }
+            }
+        }));
+        let _steering = AbortOnDrop(tokio::spawn({
+            let this = Arc::downgrade(&self);
+            async move {
+                loop {
+                    tokio::time::sleep(BusyControl::TICK).await;
+                    let Some(this) = this.upgrade() else { return };
+                    if let Some(b) = &this.busy {
+                        let seeding = this.active_seeds() > 0 && this.taking_writes();
+                        b.tick(this.store.take_write_latency(), seeding);
+                    }
                 }
             }
         }));
@@ -671,8 +686,8 @@ impl Server {
         if let Some(l) = &self.limiter {
             l.acquire(data.len() as u64).await;
         }
-        if let (Some(l), true) = (&self.busy_limiter, self.taking_writes()) {
-            l.acquire(data.len() as u64).await;
+        if let (Some(b), true) = (&self.busy, self.taking_writes()) {
+            b.limiter.acquire(data.len() as u64).await;
         }
         self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -893,31 +908,143 @@ impl Registry {
     }
 }
 
+/// Foreground protection by feedback: while the store takes writes, seeds
+/// get a bandwidth steered by two signals of the foreground's health, each
+/// sampled every tick: the mean write latency against its mean while no
+/// seed runs (above 1.25x means a closed-loop writer runs at under 80 % of
+/// its idle rate), and the host's idle CPU (under 10 % means the seed's
+/// reading, compression and encryption compete with the writes for CPU).
+/// Either cuts the seed rate by a fifth; a healthy tick raises it by a
+/// tenth of the ceiling (`busy_max_rate`). So a seed takes what the
+/// foreground leaves free and no more.
+struct BusyControl {
+    limiter: RateLimiter,
+    ceiling: f64,
+    /// Mean write latency while no seed runs, nanoseconds (0 until known),
+    /// and the host's CPU counters at the last tick.
+    state: Mutex<(f64, Option<CpuTimes>)>,
+}
+
+/// Busy and total jiffies of the host, from `/proc/stat`.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    idle: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn read() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().next()?.strip_prefix("cpu ")?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        // user nice system idle iowait irq softirq steal
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some(Self {
+            idle,
+            total: v.iter().take(8).sum(),
+        })
+    }
+}
+
+impl BusyControl {
+    const TICK: Duration = Duration::from_millis(100);
+    /// The least a seed gets, however loaded the node.
+    const FLOOR: f64 = 4.0 * 1024.0 * 1024.0;
+    /// Ticks with fewer writes say too little about latency.
+    const MIN_WRITES: u64 = 5;
+
+    fn new(ceiling: u64) -> Self {
+        metrics::gauge!("ferry_seed_busy_rate_bytes").set(ceiling as f64);
+        Self {
+            limiter: RateLimiter::new(ceiling),
+            ceiling: ceiling.max(1) as f64,
+            state: Mutex::new((0.0, None)),
+        }
+    }
+
+    fn tick(&self, latency: Option<(Duration, u64)>, seeding: bool) {
+        self.tick_with(latency, seeding, CpuTimes::read());
+    }
+
+    fn tick_with(&self, latency: Option<(Duration, u64)>, seeding: bool, cpu: Option<CpuTimes>) {
+        let (slow, saturated) = {
+            let mut st = self.state.lock();
+            let saturated = match (st.1, cpu) {
+                (Some(a), Some(b)) if b.total > a.total => {
+                    let idle = (b.idle.saturating_sub(a.idle)) as f64 / (b.total - a.total) as f64;
+                    idle < 0.10
+                }
+                _ => false,
+            };
+            st.1 = cpu;
+            let slow = match latency {
+                Some((lat, n)) if n >= Self::MIN_WRITES => {
+                    let lat = lat.as_nanos() as f64;
+                    if st.0 == 0.0 {
+                        st.0 = lat;
+                    } else if !seeding {
+                        st.0 += (lat - st.0) / 10.0;
+                    }
+                    lat > st.0 * 1.25
+                }
+                _ => false,
+            };
+            (slow, saturated)
+        };
+        if !seeding {
+            return;
+        }
+        let rate = self.limiter.rate();
+        let next = if slow || saturated {
+            (rate * 0.8).max(Self::FLOOR.min(self.ceiling))
+        } else {
+            (rate + self.ceiling / 10.0).min(self.ceiling)
+        };
+        if next != rate {
+            self.limiter.set_rate(next);
+            metrics::gauge!("ferry_seed_busy_rate_bytes").set(next);
+        }
+    }
+}
+
 /// A token bucket shared by every seed of this server.
 struct RateLimiter {
-    rate: f64,
+    /// Bytes per second, as f64 bits (the busy control changes it).
+    rate: AtomicU64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl RateLimiter {
     fn new(rate: u64) -> Self {
         Self {
-            rate: rate.max(1) as f64,
+            rate: AtomicU64::new((rate.max(1) as f64).to_bits()),
             state: Mutex::new((0.0, Instant::now())),
         }
     }
 
+    fn rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+
+    fn set_rate(&self, rate: f64) {
+        self.rate.store(rate.max(1.0).to_bits(), Ordering::Relaxed);
+    }
+
     async fn acquire(&self, n: u64) {
+        let rate = self.rate();
         let wait = {
             let mut s = self.state.lock();
             let now = Instant::now();
             // Allow a burst of a quarter second.
-            let burst = self.rate / 4.0;
-            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * self.rate).min(burst);
+            let burst = rate / 4.0;
+            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
             s.1 = now;
             s.0 -= n as f64;
             if s.0 < 0.0 {
-                Duration::from_secs_f64(-s.0 / self.rate)
+                Duration::from_secs_f64(-s.0 / rate)
             } else {
                 Duration::ZERO
             }
@@ -944,4 +1071,39 @@ fn read_range(path: &std::path::Path, start: u64, end: u64) -> std::io::Result<V
         ));
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_busy_control_backs_off_when_the_foreground_suffers_and_recovers_after() {
+        const MB: f64 = 1024.0 * 1024.0;
+        let b = BusyControl::new(100 << 20);
+        let ms = |m: u64| Some((Duration::from_millis(m), 100));
+        let cpu = |idle: u64, total: u64| Some(CpuTimes { idle, total });
+        // Idle: writes take 1 ms; that is the baseline.
+        b.tick_with(ms(1), false, cpu(0, 0));
+        b.tick_with(ms(1), false, cpu(50, 100));
+        assert_eq!(b.limiter.rate(), 100.0 * MB);
+        // A seed slows the writes down: the rate is cut, to the floor at most.
+        b.tick_with(ms(2), true, cpu(100, 200));
+        assert_eq!(b.limiter.rate(), 80.0 * MB);
+        for _ in 0..50 {
+            b.tick_with(ms(2), true, cpu(100, 200));
+        }
+        assert_eq!(b.limiter.rate(), BusyControl::FLOOR);
+        // Writes are healthy again: it grows back to the ceiling.
+        let mut t = 200;
+        for _ in 0..20 {
+            t += 100;
+            b.tick_with(ms(1), true, cpu(t / 2, t));
+        }
+        assert_eq!(b.limiter.rate(), 100.0 * MB);
+        // A host with no idle CPU cuts it even while latency looks fine.
+        t += 100;
+        b.tick_with(ms(1), true, cpu(150 + 2, t));
+        assert_eq!(b.limiter.rate(), 80.0 * MB);
+    }
 }
