@@ -1,7 +1,7 @@
 //! Configuration layers: a flag beats its environment variable, which beats
 //! the config file (`--config ferry.toml`), which beats the default.
 //!
-//! Every flag except `--json`, `--force`, `--help` and `--version` has an environment
+//! Every flag except `--json`, `--force`, `--rotate`, `--help` and `--version` has an environment
 //! variable named `FERRY_` + the flag's long name in upper case with `-`
 //! replaced by `_` (`--max-rate` is `FERRY_MAX_RATE`). The config file uses
 //! the flags' long names as keys (`max-rate = "100M"`; `max_rate` is accepted
@@ -140,7 +140,7 @@ mod tests {
         fn walk(cmd: &clap::Command, path: &str, bad: &mut Vec<String>) {
             for a in cmd.get_arguments() {
                 let Some(long) = a.get_long() else { continue };
-                if matches!(long, "json" | "force" | "help" | "version") {
+                if matches!(long, "json" | "force" | "rotate" | "help" | "version") {
                     continue;
                 }
                 let want = env_name(long);

@@ -124,6 +124,12 @@ enum Command {
     Token {
         #[arg(long, env = "FERRY_DATA")]
         data: PathBuf,
+        /// Replace the join secret with a new one and print the new token:
+        /// the old token admits no one from then on (the running leader
+        /// reads the new secret at the next Hello; enrolled nodes keep
+        /// their certificates).
+        #[arg(long)]
+        rotate: bool,
     },
     /// Run the whole story on local defaults: a leader with data and a live
     /// write load, a new follower seeded over QUIC, catch-up, verification.
@@ -347,7 +353,23 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Digest { data, json } => digest(&data, json),
         Command::Serve(args) => runtime()?.block_on(serve(args)),
         Command::Seed(args) => runtime()?.block_on(seed(args)),
-        Command::Token { data } => {
+        Command::Token { data, rotate } => {
+            if rotate {
+                let dir = node::tls_dir(&data);
+                let token = NodeAuth::rotate_secret(&dir).map_err(|e| {
+                    config::usage(format!(
+                        "cannot rotate the join secret of {}: {e}",
+                        data.display()
+                    ))
+                })?;
+                ferry_transfer::auth::write_private(
+                    &dir.join("join-token"),
+                    token.to_string().as_bytes(),
+                )?;
+                eprintln!("rotated: the old token no longer admits new nodes here; followers that enrolled before keep their certificates (and their copy of the old secret: rotate on them too, or restart them with --token)");
+                println!("{token}");
+                return Ok(0);
+            }
             let auth = NodeAuth::load_dir(&node::tls_dir(&data))?.ok_or_else(|| {
                 config::usage(format!(
                     "no ferry node at {} (a leader creates its identity on its first `ferry serve --data {}`)",

@@ -712,3 +712,55 @@ fn operator_certificates_from_ferry_certs_run_a_cluster_end_to_end() {
     // SIGTERM stops the leader cleanly.
     assert!(leader.stop().success());
 }
+
+#[test]
+fn a_rotated_join_token_stops_admitting_new_nodes_at_once() {
+    let d = dirs();
+    let leader = Proc::start(&d.path().join("leader"), &["--node-id", "leader"]);
+    leader.fill("k-", 500, 100, 100);
+    let old = leader.token();
+    let mut follower = Proc::follower(&d.path().join("f1"), "f1", leader.quic, &old, &[]);
+    follower.wait_state("live", T);
+
+    let new = ferry_tests::ferry(&[
+        "token",
+        "--rotate",
+        "--data",
+        leader.data.to_str().expect("utf-8"),
+    ])
+    .trim()
+    .to_owned();
+    assert_ne!(new, old);
+    assert_eq!(leader.token(), new, "ferry token prints the new one");
+    let seed = |dir: &str, token: &str| {
+        std::process::Command::new(ferry_tests::ferry_bin())
+            .args([
+                "seed",
+                "--leader",
+                &leader.quic.to_string(),
+                "--data",
+                d.path().join(dir).to_str().expect("utf-8"),
+                "--token",
+                token,
+                "--no-progress",
+            ])
+            .output()
+            .expect("run ferry seed")
+    };
+    // The running leader refuses the old token without a restart ...
+    let out = seed("with-old", &old);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("join token"),
+        "{out:?}"
+    );
+    // ... and admits the new one.
+    let out = seed("with-new", &new);
+    assert!(out.status.success(), "{out:?}");
+    // A follower enrolled before the rotation keeps its certificate.
+    assert!(follower.stop().success());
+    follower.spawn();
+    follower.wait_state("live", T);
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+}

@@ -284,6 +284,9 @@ pub struct NodeAuth {
     /// The CA's private key (PEM), on the node that created the cluster:
     /// it signs the certificates of followers that join with the token.
     ca_key: Option<Arc<String>>,
+    /// Where the join secret lives, so a rotation (`ferry token --rotate`)
+    /// takes effect on a running node.
+    secret_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for NodeAuth {
@@ -310,6 +313,7 @@ impl NodeAuth {
             secret: None,
             client_cert: true,
             ca_key: None,
+            secret_file: None,
         })
     }
 
@@ -333,6 +337,7 @@ impl NodeAuth {
                 .and_then(|v| v.try_into().ok())
                 .ok_or(AuthError::BadToken("corrupt join-secret file"))?;
             auth.secret = Some(s);
+            auth.secret_file = Some(secret);
         }
         let ca_key = dir.join("ca.key");
         if ca_key.exists() {
@@ -353,6 +358,40 @@ impl NodeAuth {
             "ferry 2026-11 QUIC stateless reset key",
             self.key.secret_der(),
         )
+    }
+
+    /// The join secret in force now: re-read from its file, so a rotation
+    /// applies to the next `Hello` without a restart.
+    pub fn current_secret(&self) -> Option<[u8; 32]> {
+        let Some(path) = &self.secret_file else {
+            return self.secret;
+        };
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| hex::decode(s.trim()).ok())
+            .and_then(|v| v.try_into().ok())
+            .or(self.secret)
+    }
+
+    /// Replaces the join secret in `dir` with a new random one and returns
+    /// the new token: the old token no longer admits anyone (nodes already
+    /// enrolled keep their certificates).
+    pub fn rotate_secret(dir: &Path) -> Result<JoinToken, AuthError> {
+        let auth = Self::load_dir(dir)?
+            .ok_or_else(|| AuthError::Cert(format!("no identity in {}", dir.display())))?;
+        if auth.secret.is_none() {
+            return Err(AuthError::BadToken("this node holds no join secret"));
+        }
+        let mut s = [0u8; 32];
+        rand::Rng::fill(&mut rand::rng(), &mut s);
+        let path = dir.join("join-secret");
+        let tmp = dir.join("join-secret.tmp");
+        write_private(&tmp, hex::encode(s).as_bytes())?;
+        std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+        Ok(JoinToken {
+            ca: auth.cluster(),
+            secret: s,
+        })
     }
 
     /// The join token of this cluster, when this node holds the secret.

@@ -546,7 +546,7 @@ impl Server {
         }
         // A client certificate was verified against the cluster CA by rustls.
         let by_cert = conn.peer_identity().is_some();
-        let by_token = match (self.auth.secret, exported_keying_material(conn)) {
+        let by_token = match (self.auth.current_secret(), exported_keying_material(conn)) {
             (Some(secret), Some(exported)) => check_proof(&secret, &exported, &node_id, &proof),
             _ => false,
         };
