@@ -717,7 +717,13 @@ fn prometheus() -> &'static PrometheusHandle {
         const BUCKETS: &[f64] = &[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
-        let builder = PrometheusBuilder::new();
+        // Gauges are refreshed at every scrape; one that was not for ten
+        // minutes belongs to a follower that is gone (peers choose their
+        // ids, so their series must not pile up).
+        let builder = PrometheusBuilder::new().idle_timeout(
+            metrics_util::MetricKindMask::GAUGE,
+            Some(Duration::from_secs(600)),
+        );
         let builder = builder
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
             .unwrap_or_else(|_| PrometheusBuilder::new());
@@ -762,6 +768,9 @@ async fn metrics(State(node): State<Shared>) -> Response {
     );
     g("ferry_up_seconds", node.started.elapsed().as_secs_f64());
     if let Some(s) = node.server() {
+        if let Some(rate) = s.busy_rate() {
+            metrics::gauge!("ferry_seed_busy_rate_bytes").set(rate);
+        }
         let st = &s.stats;
         c(
             "ferry_seeds_started_total",

@@ -297,6 +297,12 @@ impl Server {
         *self.streams.lock() = Some(h);
     }
 
+    /// The seed rate the busy control allows now (bytes per second), if
+    /// seeds yield to the foreground on this node.
+    pub fn busy_rate(&self) -> Option<f64> {
+        self.busy.as_ref().map(|b| b.limiter.rate())
+    }
+
     /// Installs what `Probe` answers; without it the node reports that it
     /// does not lead, with its sequence and no history.
     pub fn set_info_provider(&self, f: InfoProvider) {
