@@ -175,6 +175,10 @@ enum StreamEnd {
 /// own count take the rest).
 const MAX_STREAMED_BATCH: usize = crate::protocol::MAX_BATCHES_FRAME as usize - 64;
 
+/// What a follower's `Subscribe` asks for: the sequence after which to
+/// stream, its history term, and the proof of its last write.
+type Subscription = (Seq, Option<[u8; 16]>, Option<(Seq, [u8; 32])>);
+
 /// Disconnected followers are forgotten after this long, and beyond this
 /// many entries the longest-disconnected go first: peers choose their node
 /// ids, so the table must not grow with every id ever seen.
@@ -378,7 +382,7 @@ impl Replication {
     async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        (after, history, proof): (Seq, Option<[u8; 16]>, Option<(Seq, [u8; 32])>),
+        (after, history, proof): Subscription,
         mut send: SendStream,
         recv: RecvStream,
     ) {

@@ -146,7 +146,7 @@ pub struct SeedConfig {
     pub reconnects: u32,
     pub transport: TransportOptions,
     /// Called with progress at most a few times a second.
-    pub progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    pub progress: Option<ProgressFn>,
     /// Re-seed a directory that holds a database: its files are kept aside
     /// and every chunk whose hash matches the new manifest is reused
     /// instead of fetched.
@@ -216,6 +216,9 @@ pub fn validate_node_id(id: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Called with the progress of a running seed (about once a second).
+pub type ProgressFn = Arc<dyn Fn(&Progress) + Send + Sync>;
 
 /// Progress of a running seed.
 #[derive(Debug, Clone, Default)]

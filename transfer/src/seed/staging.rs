@@ -331,7 +331,7 @@ pub(super) async fn keep_state(
     manifest: Arc<Manifest>,
     mut bits: Bitmap,
     mut rx: mpsc::Receiver<Done>,
-    progress: Option<Arc<dyn Fn(&Progress) + Send + Sync>>,
+    progress: Option<ProgressFn>,
     reused: u64,
     started: Instant,
 ) -> Result<(Bitmap, Fetched), SeedError> {
