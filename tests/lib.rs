@@ -444,6 +444,41 @@ impl Proc {
         }
     }
 
+    /// Waits until the status document satisfies `f`; panics with `what`,
+    /// the status and the log when it does not within `timeout`.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: std::time::Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if f(&s) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: {s}\nlog:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The value of the first sample of metric `name` on `/metrics` (0 if
+    /// it is not exported).
+    pub fn metric(&self, name: &str) -> f64 {
+        get(&self.url("/metrics"))
+            .text()
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// PUT a key; returns the sequence.
     pub fn put(&self, key: &str, value: &[u8]) -> u64 {
         let r = put_bytes(&self.url(&format!("/v1/kv/{key}")), value).ok_json();
@@ -506,6 +541,14 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// How many chunks the seed staged under `data` has durably verified:
+/// `verified.bin` holds the manifest id (32 bytes), then one bit per chunk.
+pub fn verified_chunks(data: &Path) -> u32 {
+    std::fs::read(ferry_engine::seed_dir(data).join("verified.bin"))
+        .map(|b| b.iter().skip(32).map(|x| x.count_ones()).sum())
+        .unwrap_or(0)
 }
 
 /// Runs `ferry verify` between two nodes; returns its exit code and output.

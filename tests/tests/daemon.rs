@@ -106,13 +106,9 @@ fn a_follower_killed_in_every_state_converges_without_reseeding() {
 
     // 1. Killed while seeding, once some chunks are durably recorded: the
     //    restart resumes the seed.
-    let bitmap = ferry_engine::seed_dir(&follower.data).join("verified.bin");
     let deadline = std::time::Instant::now() + T;
     loop {
-        let done: u32 = std::fs::read(&bitmap)
-            .map(|b| b.iter().skip(32).map(|x| x.count_ones()).sum())
-            .unwrap_or(0);
-        if done >= 2 {
+        if ferry_tests::verified_chunks(&follower.data) >= 2 {
             break;
         }
         assert!(
@@ -561,14 +557,8 @@ fn a_follower_away_across_a_leader_restart_catches_up_from_the_wal() {
     leader.spawn();
     follower.spawn();
     follower.wait_state("live", T);
-    let m = ferry_tests::get(&leader.url("/metrics")).text();
-    let from_wal: f64 = m
-        .lines()
-        .find(|l| l.starts_with("ferry_replication_wal_batches_total"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    assert!(from_wal >= 300.0, "served from the WAL: {from_wal}\n{m}");
+    let from_wal = leader.metric("ferry_replication_wal_batches_total");
+    assert!(from_wal >= 300.0, "served from the WAL: {from_wal}");
     let s = follower.status();
     assert_eq!(s["reseeds"], 0, "{s}");
     assert!(leader

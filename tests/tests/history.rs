@@ -20,16 +20,6 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     assert!(st.success());
 }
 
-fn metric(p: &Proc, name: &str) -> f64 {
-    get(&p.url("/metrics"))
-        .text()
-        .lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Leader L and follower F live; L is stopped and its directory copied;
 /// L takes `lost` writes that F applies; L is replaced by the copy and
 /// takes `other` different writes.
@@ -97,25 +87,15 @@ fn a_follower_of_a_leader_that_lost_writes_is_refused_and_reseeds_to_its_content
     let (_d, leader, follower) = fork(&[], false);
     // Refused with the reason, never silently live on a fork: it re-seeds
     // and ends with exactly the leader's content.
-    let deadline = std::time::Instant::now() + T;
-    loop {
-        let s = follower.status();
-        if s["state"] == "live" && s["divergences"].as_u64() >= Some(1) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no re-seed after the divergence: {s}\n{}",
-            follower.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    follower.wait_until("no re-seed after the divergence", T, |s| {
+        s["state"] == "live" && s["divergences"].as_u64() >= Some(1)
+    });
     let log = follower.log_text();
     assert!(
         log.contains("differs from this leader's"),
         "the log says why: {log}"
     );
-    assert!(metric(&follower, "ferry_divergences_total") >= 1.0);
+    assert!(follower.metric("ferry_divergences_total") >= 1.0);
     assert!(leader.log_text().contains("refusing a diverged follower"));
     let (code, out) = verify(&leader, &follower);
     assert_eq!(code, 0, "{out}");

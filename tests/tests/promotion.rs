@@ -3,7 +3,7 @@
 //! follows it without a re-seed, and the old leader, back with its peers
 //! named, finds the newer history and fences itself.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::{ferry_bin, get, put_bytes, verify, Proc};
 
@@ -28,22 +28,6 @@ fn promote(node: &Proc, force: bool) -> (i32, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-fn wait_for(what: &str, node: &Proc, f: impl Fn(&serde_json::Value) -> bool) {
-    let deadline = Instant::now() + T;
-    loop {
-        let s = node.status();
-        if f(&s) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: {s}\nlog:\n{}",
-            node.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -113,7 +97,7 @@ fn a_promoted_follower_leads_the_other_follows_it_and_the_old_leader_is_fenced()
     assert_ne!(code, 0, "promoting the new leader again: {out}");
 
     // The other follower finds the new leader by itself: no re-seed.
-    wait_for("f2 follows f1", &f2, |s| {
+    f2.wait_until("f2 follows f1", T, |s| {
         s["leader"] == f1q.to_string() && s["state"] == "live"
     });
     let seq = f1.fill("after-", 300, 50, 100);

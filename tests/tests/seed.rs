@@ -232,14 +232,9 @@ async fn a_killed_seed_resumes_and_fetches_only_what_is_missing() {
         .spawn()
         .unwrap();
     // Wait until some chunks are durably recorded, then kill -9.
-    let bitmap = ferry_engine::seed_dir(target.path()).join("verified.bin");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        // The file is the manifest id (32 bytes), then one bit per chunk.
-        let set: u32 = std::fs::read(&bitmap)
-            .map(|b| b.iter().skip(32).map(|x| x.count_ones()).sum())
-            .unwrap_or(0);
-        if set >= 20 {
+        if ferry_tests::verified_chunks(target.path()) >= 20 {
             break;
         }
         assert!(

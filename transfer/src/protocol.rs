@@ -612,16 +612,7 @@ impl Frame {
             ty::PROBE => Frame::Probe,
             ty::NODE_INFO => {
                 need!(9);
-                let leading = match body.get_u8() {
-                    0 => false,
-                    1 => true,
-                    _ => {
-                        return Err(DecodeError::Malformed {
-                            ty: t,
-                            reason: "bad flag",
-                        })
-                    }
-                };
+                let leading = get_flag(&mut body, t)?;
                 let latest_seq = body.get_u64_le();
                 Frame::NodeInfo {
                     leading,
@@ -662,16 +653,7 @@ impl Frame {
             ty::HEARTBEAT => {
                 need!(9);
                 let leader_seq = body.get_u64_le();
-                let live = match body.get_u8() {
-                    0 => false,
-                    1 => true,
-                    _ => {
-                        return Err(DecodeError::Malformed {
-                            ty: t,
-                            reason: "bad flag",
-                        })
-                    }
-                };
+                let live = get_flag(&mut body, t)?;
                 Frame::Heartbeat { leader_seq, live }
             }
             ty::MARK => {
@@ -699,6 +681,18 @@ impl Frame {
             });
         }
         Ok(frame)
+    }
+}
+
+/// A boolean byte: 0 or 1, anything else is malformed.
+fn get_flag(body: &mut Bytes, t: u8) -> Result<bool, DecodeError> {
+    match body.get_u8() {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(DecodeError::Malformed {
+            ty: t,
+            reason: "bad flag",
+        }),
     }
 }
 
