@@ -591,3 +591,30 @@ pub fn noise(seed: &str, size: usize) -> String {
 fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// Flips one bit of the byte at `at` in `path`, in place, keeping the
+/// file's size (and, on most filesystems, its identity): bit rot at rest.
+pub fn flip_bit(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the file to corrupt");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read the byte");
+    f.write_all_at(&[b[0] ^ 0x10], at).expect("write the byte");
+    f.sync_all().expect("sync");
+}
+
+/// The SST files directly in `dir`, largest first.
+pub fn sst_files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .expect("read the directory")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "sst"))
+        .map(|p| (std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0), p))
+        .collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0));
+    v.into_iter().map(|(_, p)| p).collect()
+}

@@ -213,3 +213,46 @@ pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
     }
     Ok(0)
 }
+
+/// `ferry scrub`: asks a node to check every live SST's block checksums.
+/// Exit 0 when all are sound, 3 when some are corrupt (a follower then
+/// repairs itself by a re-seed that reuses its sound chunks).
+pub fn scrub(http: SocketAddr, json: bool) -> Result<i32> {
+    let url = format!("http://{http}/v1/admin/scrub");
+    let mut r = agent(Duration::from_secs(3600))
+        .post(&url)
+        .send_empty()
+        .with_context(|| format!("POST {url}"))?;
+    let code = r.status().as_u16();
+    let body: Value = r.body_mut().read_json().unwrap_or(Value::Null);
+    if !(200..300).contains(&code) {
+        bail!(
+            "scrub failed on {http} (HTTP {code}): {}",
+            body["error"].as_str().unwrap_or("(no message)")
+        );
+    }
+    let corrupt = body["corrupt"].as_array().cloned().unwrap_or_default();
+    if json {
+        println!("{body}");
+    } else {
+        println!(
+            "{http}: {} SSTs ({}) checked, {} corrupt",
+            body["files_checked"],
+            crate::util::human_bytes(body["bytes_checked"].as_u64().unwrap_or(0)),
+            corrupt.len()
+        );
+        for c in &corrupt {
+            println!(
+                "  {}: {}",
+                c["file"].as_str().unwrap_or("?"),
+                c["reason"].as_str().unwrap_or("?")
+            );
+        }
+        if body["repairing"] == Value::Bool(true) {
+            println!("the follower is re-seeding from its leader to repair them");
+        } else if !corrupt.is_empty() {
+            println!("not repairing here: a leader cannot re-seed itself; promote a sound follower, then re-seed this node");
+        }
+    }
+    Ok(if corrupt.is_empty() { 0 } else { 3 })
+}

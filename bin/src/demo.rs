@@ -66,6 +66,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         store: StoreOptions::default(),
         serve: ServeOptions::default(),
         reseed_backoff: Duration::from_secs(5),
+        scrub_interval: None,
         transport: ferry_transfer::TransportOptions::default(),
         on_divergence: node::OnDivergence::Reseed,
         min_acks: 0,

@@ -69,6 +69,7 @@ pub fn router(node: Shared) -> Router {
         .route("/v1/digest", get(digest))
         .route("/v1/admin/flush", post(flush))
         .route("/v1/admin/promote", post(promote))
+        .route("/v1/admin/scrub", post(scrub))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&node),
@@ -601,6 +602,26 @@ async fn promote(
     }
 }
 
+/// Checks every live SST's block checksums; a follower that finds
+/// corruption re-seeds itself, reusing its sound chunks.
+async fn scrub(State(node): State<Shared>) -> Result<Response, ApiError> {
+    store_of(&node)?;
+    // A scrub reads every table: it shares the digests' slots.
+    let _slot = digest_slots().try_acquire().map_err(|_| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("{MAX_DIGESTS} full scans (digests, scrubs) are already running here; retry when they finish"),
+        )
+    })?;
+    match node.scrub().await {
+        Ok(s) => Ok((StatusCode::OK, Json(s)).into_response()),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{e:#}"),
+        )),
+    }
+}
+
 /// Flushes the memtable to an SST (obsolete WAL files then age out under
 /// the retention settings).
 async fn flush(State(node): State<Shared>) -> Result<Response, ApiError> {
@@ -748,6 +769,7 @@ pub fn init_metrics() {
         "ferry_oversize_batches_total",
         "ferry_promotions_total",
         "ferry_fenced_total",
+        "ferry_corrupt_files_total",
     ] {
         metrics::counter!(name).increment(0);
     }

@@ -117,6 +117,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check every live SST of a running node against its block checksums.
+    /// Exits 3 when some are corrupt; a follower then re-seeds itself from
+    /// its leader, fetching only the damaged chunks.
+    Scrub {
+        /// The node's HTTP address.
+        #[arg(long, env = "FERRY_HTTP")]
+        http: SocketAddr,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Seed an empty directory from a leader over QUIC and print the
     /// snapshot's sequence. Resumes an interrupted seed of the same directory.
     Seed(SeedArgs),
@@ -236,6 +247,11 @@ struct ServeArgs {
     /// (doubles each time, up to 10 minutes).
     #[arg(long, env = "FERRY_RESEED_BACKOFF_SECS", default_value_t = 30)]
     reseed_backoff_secs: u64,
+    /// Check every live SST's block checksums this often (0: only when
+    /// asked, with `ferry scrub`). A follower that finds corruption
+    /// re-seeds itself, fetching only the damaged chunks.
+    #[arg(long, env = "FERRY_SCRUB_INTERVAL_SECS", default_value_t = 0)]
+    scrub_interval_secs: u64,
     /// A peer silent this long is declared lost (keep-alives go out at a
     /// twelfth of it; a restarted peer is noticed at the next keep-alive).
     #[arg(long, env = "FERRY_PEER_TIMEOUT_MS", default_value_t = 3000)]
@@ -402,6 +418,7 @@ fn run(cli: Cli) -> Result<i32> {
         ),
         Command::Certs(c) => certs(c),
         Command::Promote { http, force, json } => client::promote(http, force, json),
+        Command::Scrub { http, json } => client::scrub(http, json),
     }
 }
 
@@ -517,6 +534,8 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             ..ServeOptions::default()
         },
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
+        scrub_interval: (args.scrub_interval_secs > 0)
+            .then(|| Duration::from_secs(args.scrub_interval_secs)),
         transport: args.congestion.transport(args.peer_timeout_ms),
         on_divergence: args.on_divergence,
         min_acks: args.min_acks,

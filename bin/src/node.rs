@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub serve: ServeOptions,
     /// The first wait before a re-seed that follows soon after another.
     pub reseed_backoff: Duration,
+    /// How often to scrub the database for corruption at rest.
+    pub scrub_interval: Option<Duration>,
     /// QUIC settings (windows, keep-alive and idle timeout) of every
     /// connection this node makes or accepts.
     pub transport: TransportOptions,
@@ -150,7 +152,19 @@ pub struct Node {
     /// Promotion requests, served by the follower loop.
     promote_tx: mpsc::Sender<PromoteRequest>,
     promote_rx: tokio::sync::Mutex<mpsc::Receiver<PromoteRequest>>,
+    /// Why this follower must repair its database (set by a scrub that
+    /// found corruption at rest), with the follower loop's wake-up.
+    repair: Mutex<Option<String>>,
+    repair_wake: tokio::sync::Notify,
     persist_lock: Mutex<()>,
+}
+
+/// What a scrub found, and whether the node is repairing itself.
+#[derive(Debug, Clone, Serialize)]
+pub struct Scrubbed {
+    #[serde(flatten)]
+    pub report: ferry_engine::ScrubReport,
+    pub repairing: bool,
 }
 
 /// What a promotion produced: the new term.
@@ -203,6 +217,49 @@ impl Node {
         p.sort();
         p.dedup();
         p
+    }
+
+    /// Asks a replicating follower to replace its database, corrupt at
+    /// rest, by a re-seed from its leader that reuses every sound chunk.
+    /// Returns false where that cannot help: on a leader (nothing to seed
+    /// from; promote a follower instead) or a follower not yet replicating.
+    pub fn request_repair(&self, why: String) -> bool {
+        if self.is_leader() || !matches!(self.state(), NodeState::CatchingUp | NodeState::Live) {
+            return false;
+        }
+        *self.repair.lock() = Some(why);
+        self.repair_wake.notify_one();
+        true
+    }
+
+    /// Checks every live SST's block checksums. Corruption is counted in
+    /// `ferry_corrupt_files_total`; a replicating follower then repairs
+    /// itself ([`Node::request_repair`]), a leader only reports it.
+    pub async fn scrub(&self) -> Result<Scrubbed> {
+        let store = self.store().with_context(|| {
+            format!("the node is {}; no database is open", self.state().as_str())
+        })?;
+        let report = tokio::task::spawn_blocking(move || store.scrub())
+            .await
+            .context("the scrub task failed")??;
+        let mut repairing = false;
+        if !report.corrupt.is_empty() {
+            metrics::counter!("ferry_corrupt_files_total").increment(report.corrupt.len() as u64);
+            let files: Vec<&str> = report.corrupt.iter().map(|c| c.file.as_str()).collect();
+            let why = format!("corrupt at rest: {}", files.join(", "));
+            repairing = self.request_repair(why.clone());
+            tracing::error!(
+                files = ?files,
+                repairing,
+                "scrub found corrupt SSTs{}",
+                if self.is_leader() {
+                    "; this leader cannot repair itself: promote a sound follower, then re-seed this node"
+                } else {
+                    ""
+                }
+            );
+        }
+        Ok(Scrubbed { report, repairing })
     }
 
     /// The history this follower last received from its leader.
@@ -393,6 +450,8 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>> {
         leader: RwLock::new(cfg.follow.first().copied().filter(|_| !leads)),
         promote_tx,
         promote_rx: tokio::sync::Mutex::new(promote_rx),
+        repair: Mutex::new(None),
+        repair_wake: tokio::sync::Notify::new(),
         persist_lock: Mutex::new(()),
         replication: std::sync::OnceLock::new(),
         replica: Arc::default(),
@@ -415,6 +474,9 @@ pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>> {
         shutdown,
         cfg,
     });
+    if let Some(every) = node.cfg.scrub_interval {
+        tokio::spawn(scrub_every(Arc::clone(&node), every));
+    }
     if node.is_leader() {
         start_leader(node).await
     } else {
@@ -687,6 +749,29 @@ async fn start_follower(node: Arc<Node>) -> Result<Arc<Node>> {
     Ok(node)
 }
 
+/// Scrubs the open database every `every` until shutdown.
+async fn scrub_every(node: Arc<Node>, every: Duration) {
+    let mut shutdown = node.shutdown_requested();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if node.store().is_none() {
+            continue;
+        }
+        match node.scrub().await {
+            Ok(s) => tracing::info!(
+                files = s.report.files_checked,
+                bytes = s.report.bytes_checked,
+                corrupt = s.report.corrupt.len(),
+                "scrubbed"
+            ),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "scrub failed"),
+        }
+    }
+}
+
 fn has_database(data: &Path) -> bool {
     data.join("CURRENT").exists() && !ferry_engine::seed_dir(data).exists()
 }
@@ -894,30 +979,35 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             continue;
         }
 
-        match end {
-            ReplicationEnd::Shutdown => break,
-            ReplicationEnd::Diverged { message } => {
-                node.divergences.fetch_add(1, Ordering::SeqCst);
-                node.set_state(NodeState::Diverged, Some(message.clone()));
-                if cfg.on_divergence == OnDivergence::Stop {
-                    tracing::error!(%message, "replication stopped: this follower diverged from the leader (--on-divergence stop)");
-                    // Keep serving reads of what it holds, for the operator.
-                    let (data, opts) = (cfg.data.clone(), cfg.store.clone());
-                    if let Ok(Ok(store)) =
-                        tokio::task::spawn_blocking(move || Store::open(&data, opts)).await
-                    {
-                        store.set_follower(true);
-                        *node.store.write() = Some(store);
+        if let Some(Interrupt::Repair { why }) = interrupt {
+            tracing::error!(%why, "this follower's database is corrupt at rest: re-seeding, reusing its sound chunks");
+            node.set_state(NodeState::Reseeding, Some(why));
+        } else {
+            match end {
+                ReplicationEnd::Shutdown => break,
+                ReplicationEnd::Diverged { message } => {
+                    node.divergences.fetch_add(1, Ordering::SeqCst);
+                    node.set_state(NodeState::Diverged, Some(message.clone()));
+                    if cfg.on_divergence == OnDivergence::Stop {
+                        tracing::error!(%message, "replication stopped: this follower diverged from the leader (--on-divergence stop)");
+                        // Keep serving reads of what it holds, for the operator.
+                        let (data, opts) = (cfg.data.clone(), cfg.store.clone());
+                        if let Ok(Ok(store)) =
+                            tokio::task::spawn_blocking(move || Store::open(&data, opts)).await
+                        {
+                            store.set_follower(true);
+                            *node.store.write() = Some(store);
+                        }
+                        let _ = shutdown.wait_for(|s| *s).await;
+                        *node.store.write() = None;
+                        break;
                     }
-                    let _ = shutdown.wait_for(|s| *s).await;
-                    *node.store.write() = None;
-                    break;
+                    tracing::error!(%message, "this follower diverged from the leader: re-seeding to the leader's content");
                 }
-                tracing::error!(%message, "this follower diverged from the leader: re-seeding to the leader's content");
-            }
-            ReplicationEnd::WalPurged { message } => {
-                tracing::warn!(%message, "the leader's WAL no longer reaches this follower: re-seeding");
-                node.set_state(NodeState::Reseeding, Some(message));
+                ReplicationEnd::WalPurged { message } => {
+                    tracing::warn!(%message, "the leader's WAL no longer reaches this follower: re-seeding");
+                    node.set_state(NodeState::Reseeding, Some(message));
+                }
             }
         }
         // Re-seed, reusing local files; back off when re-seeds follow each
@@ -944,7 +1034,14 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
 /// Why a follower stopped replicating from its leader while it still could.
 enum Interrupt {
     Promote(PromoteRequest),
-    Switch { to: SocketAddr, why: String },
+    Switch {
+        to: SocketAddr,
+        why: String,
+    },
+    /// A scrub found this follower's database corrupt at rest.
+    Repair {
+        why: String,
+    },
 }
 
 /// Stops replication (through `stop`) on shutdown, on a promotion request,
@@ -961,6 +1058,10 @@ async fn interrupts(
     let why = loop {
         let probe_due = tokio::select! {
             _ = shutdown.changed() => false,
+            _ = node.repair_wake.notified() => match node.repair.lock().take() {
+                Some(why) => break Some(Interrupt::Repair { why }),
+                None => continue,
+            },
             r = requests.recv() => match r {
                 Some(reply) if !reply.is_closed() => break Some(Interrupt::Promote(reply)),
                 Some(_) => continue,

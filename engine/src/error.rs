@@ -48,6 +48,10 @@ pub enum Error {
     /// A checkpoint was not found.
     #[error("no checkpoint {name} in {path}")]
     NoCheckpoint { name: String, path: PathBuf },
+    /// A file failed its integrity check at rest: an SST whose block
+    /// checksums do not match (see [`crate::sst::verify`]).
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
     /// The store is a follower and takes no client writes.
     #[error("this node is a follower and takes no client writes")]
     ReadOnly,

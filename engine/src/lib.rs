@@ -15,6 +15,7 @@ pub mod error;
 pub mod feed;
 pub mod history;
 pub mod manifest;
+pub mod sst;
 pub mod store;
 
 pub use batch::{Batch, Op, RawBatch};
@@ -25,6 +26,6 @@ pub use manifest::{
     FileEntry, FileKind, FileName, Hash, HashCache, HashStats, Manifest, ManifestId,
 };
 pub use store::{
-    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, Digest, Scan, ScanPage,
-    SeqRange, Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
+    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, CorruptFile, Digest, Scan,
+    ScanPage, ScrubReport, SeqRange, Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
 };

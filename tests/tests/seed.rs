@@ -903,3 +903,68 @@ async fn max_rate_caps_the_seed() {
         r.wire_bytes
     );
 }
+
+/// The leader's SSTs, with one rotted in place: a bit flipped in the middle
+/// of its largest SST (a data block), after the leader wrote it.
+fn rot_an_sst(leader: &TestLeader) -> std::path::PathBuf {
+    let sst = ferry_tests::sst_files(leader.store.path())
+        .into_iter()
+        .next()
+        .expect("the leader has an SST");
+    let len = std::fs::metadata(&sst).unwrap().len();
+    ferry_tests::flip_bit(&sst, len / 2);
+    sst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sst_corrupt_at_rest_on_the_leader_is_refused_not_shipped() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill_incompressible(&leader.store, 1500);
+    let sst = rot_an_sst(&leader);
+    let target = tempfile::tempdir().unwrap();
+    let err = ferry_transfer::seed(leader.seed_config(target.path()))
+        .await
+        .unwrap_err();
+    let name = sst.file_name().unwrap().to_string_lossy().into_owned();
+    match &err {
+        SeedError::Wire {
+            source: ferry_transfer::wire::WireError::Peer { code, message },
+            ..
+        } => {
+            assert_eq!(*code, ErrorCode::Corrupt, "{message}");
+            assert!(message.contains(&name), "{message}");
+        }
+        other => panic!("expected the leader to refuse with Corrupt, got {other}"),
+    }
+    // Nothing became a database, and the leader's seed checkpoint is gone.
+    assert!(Store::open_read_only(target.path()).is_err());
+    assert!(leader.store.checkpoints().unwrap().is_empty());
+    // The leader itself keeps taking writes.
+    leader.store.put("after", "rot").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rot_after_the_hash_was_cached_is_caught_by_the_follower_and_never_installed() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill_incompressible(&leader.store, 1500);
+    // A first seed verifies the SSTs and caches their hashes.
+    let first = tempfile::tempdir().unwrap();
+    ferry_transfer::seed(leader.seed_config(first.path()))
+        .await
+        .unwrap();
+    let sst = rot_an_sst(&leader);
+    let target = tempfile::tempdir().unwrap();
+    let mut cfg = leader.seed_config(target.path());
+    cfg.chunk_attempts = 2;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    let name = sst.file_name().unwrap().to_string_lossy().into_owned();
+    match &err {
+        SeedError::BadChunk { file, .. } => assert_eq!(*file, name),
+        other => panic!("expected a chunk that never verifies, got {other}"),
+    }
+    assert!(err.to_string().contains("corrupt at rest"), "{err}");
+    assert!(matches!(
+        Store::open_read_only(target.path()),
+        Err(EngineError::SeedInProgress { .. })
+    ));
+}

@@ -600,6 +600,14 @@ impl Server {
                             leases.lock().insert(lease.cp.id, lease);
                             f
                         }
+                        Err(e @ ferry_engine::Error::Corrupt { .. }) => {
+                            metrics::counter!("ferry_corrupt_files_total").increment(1);
+                            tracing::error!(error = %e, "refusing to ship a corrupt file; repair or re-seed this node");
+                            Frame::Error {
+                                code: ErrorCode::Corrupt,
+                                message: format!("this node's database is corrupt at rest, so it ships nothing: {e}"),
+                            }
+                        }
                         Err(e) => Frame::Error {
                             code: ErrorCode::Internal,
                             message: format!("checkpoint failed: {e}"),

@@ -84,6 +84,9 @@ pub enum ErrorCode {
     /// The follower's history or last write is not the leader's: it holds
     /// writes the leader does not (re-seed, or stop).
     Diverged = 9,
+    /// A file on the sending node failed its integrity check at rest (an SST
+    /// whose block checksums do not match); it is not shipped.
+    Corrupt = 10,
     /// An unknown code from a newer peer.
     Unknown = 0xffff,
 }
@@ -100,6 +103,7 @@ impl ErrorCode {
             7 => Self::Unavailable,
             8 => Self::WalPurged,
             9 => Self::Diverged,
+            10 => Self::Corrupt,
             _ => Self::Unknown,
         }
     }

@@ -92,8 +92,16 @@ pub enum SeedError {
     },
     #[error(transparent)]
     Engine(#[from] ferry_engine::Error),
+    /// The disk cannot hold the seed. Nothing is lost: the staged state is
+    /// kept, and the same seed resumes once there is room.
+    #[error("the disk holding {path} is full: the seed needs {needed} more bytes, {available} are free; free some space and run the seed again, it resumes", needed = crate::seed::human(*needed), available = crate::seed::human(*available))]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+    },
     /// A chunk kept failing verification.
-    #[error("chunk {chunk} of {file} failed verification {attempts} times")]
+    #[error("chunk {chunk} of {file} failed verification {attempts} times; if the link is sound, the sender's copy is corrupt at rest")]
     BadChunk {
         file: String,
         chunk: usize,
@@ -688,5 +696,20 @@ mod tests {
         }
         assert!(!staging.join(MOVING).exists());
         assert!(!trash_dir(data).exists());
+    }
+}
+
+/// A byte count for messages: `12.3 MiB`.
+pub(crate) fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let (mut v, mut u) = (n as f64, 0);
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
     }
 }

@@ -285,6 +285,7 @@ pub(super) fn reconcile(
             .map_err(io("create", &p))?;
         file.set_len(f.size).map_err(io("resize", &p))?;
     }
+    reserve_space(staging, manifest)?;
     let mut bits = bits;
     let carried = verified_extent(manifest, &bits);
     reuse_local_files(staging, manifest, &mut bits)?;
@@ -294,6 +295,70 @@ pub(super) fn reconcile(
     write_atomic(&staging.join(BITMAP_FILE), &bits.encode_for(&manifest.id()))?;
     write_atomic(&staging.join(MANIFEST_FILE), &manifest.encode())?;
     Ok((bits, carried, (after.0 - carried.0, after.1 - carried.1)))
+}
+
+/// Free space kept beyond the staged files: the bitmap's atomic rewrites,
+/// and RocksDB's new MANIFEST, WAL and OPTIONS files at the first open.
+pub(super) const SPACE_RESERVE: u64 = 8 << 20;
+
+/// Allocates every staged file's blocks now (`fallocate`), so a disk too
+/// small for the seed fails it at once, before a byte is fetched, and chunk
+/// writes cannot hit a full disk later, even when something else fills it
+/// during the seed. Then requires [`SPACE_RESERVE`] to be left free.
+fn reserve_space(staging: &Path, manifest: &Manifest) -> Result<(), SeedError> {
+    use std::os::unix::fs::MetadataExt;
+    let needed = |manifest: &Manifest| -> u64 {
+        manifest
+            .files
+            .iter()
+            .map(|f| {
+                let allocated = std::fs::metadata(staging.join(f.name.as_str()))
+                    .map(|m| m.blocks() * 512)
+                    .unwrap_or(0);
+                f.size.saturating_sub(allocated)
+            })
+            .sum()
+    };
+    let available = || {
+        rustix::fs::statvfs(staging)
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+            .unwrap_or(u64::MAX)
+    };
+    let full = |needed: u64, available: u64| SeedError::NoSpace {
+        path: staging.to_owned(),
+        needed,
+        available,
+    };
+    let before = needed(manifest);
+    if before.saturating_add(SPACE_RESERVE) > available() {
+        return Err(full(before.saturating_add(SPACE_RESERVE), available()));
+    }
+    for f in &manifest.files {
+        if f.size == 0 {
+            continue;
+        }
+        let p = staging.join(f.name.as_str());
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io("open", &p))?;
+        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, f.size) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::NOSPC) => {
+                return Err(full(
+                    needed(manifest).saturating_add(SPACE_RESERVE),
+                    available(),
+                ))
+            }
+            // Filesystems without fallocate: the check above is all there is.
+            Err(rustix::io::Errno::OPNOTSUPP) => break,
+            Err(e) => return Err(io("allocate", &p)(e.into())),
+        }
+    }
+    if available() < SPACE_RESERVE {
+        return Err(full(SPACE_RESERVE, available()));
+    }
+    Ok(())
 }
 
 /// A number of chunks and their bytes.
