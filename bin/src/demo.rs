@@ -67,6 +67,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         serve: ServeOptions::default(),
         reseed_backoff: Duration::from_secs(5),
         scrub_interval: None,
+        cert_lifetime: ferry_transfer::auth::DEFAULT_CERT_LIFETIME,
         transport: ferry_transfer::TransportOptions::default(),
         on_divergence: node::OnDivergence::Reseed,
         min_acks: 0,

@@ -117,6 +117,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a node of the cluster led from DIR: the leader refuses its
+    /// connections (and closes the ones it has), its renewals and its
+    /// enrollment. The join secret is rotated too, since the node may hold
+    /// it; the new token is printed.
+    Revoke {
+        #[arg(long, env = "FERRY_DATA")]
+        data: PathBuf,
+        /// The node's id (the name in its certificate).
+        #[arg(long, env = "FERRY_NODE")]
+        node: String,
+    },
     /// Check every live SST of a running node against its block checksums.
     /// Exits 3 when some are corrupt; a follower then re-seeds itself from
     /// its leader, fetching only the damaged chunks.
@@ -173,6 +184,10 @@ enum CertsCommand {
         /// The directory to write NAME.pem and NAME.key to.
         #[arg(long, env = "FERRY_OUT")]
         out: PathBuf,
+        /// How long the certificate stays valid (operator certificates are
+        /// renewed by the operator, by issuing again).
+        #[arg(long, env = "FERRY_DAYS", default_value_t = 365)]
+        days: u64,
     },
 }
 
@@ -252,6 +267,10 @@ struct ServeArgs {
     /// re-seeds itself, fetching only the damaged chunks.
     #[arg(long, env = "FERRY_SCRUB_INTERVAL_SECS", default_value_t = 0)]
     scrub_interval_secs: u64,
+    /// How long the certificates this leader issues (its own and its
+    /// followers') stay valid; nodes renew theirs when a third is left.
+    #[arg(long, env = "FERRY_CERT_LIFETIME_SECS", default_value_t = 30 * 24 * 3600)]
+    cert_lifetime_secs: u64,
     /// A peer silent this long is declared lost (keep-alives go out at a
     /// twelfth of it; a restarted peer is noticed at the next keep-alive).
     #[arg(long, env = "FERRY_PEER_TIMEOUT_MS", default_value_t = 3000)]
@@ -419,6 +438,25 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Certs(c) => certs(c),
         Command::Promote { http, force, json } => client::promote(http, force, json),
         Command::Scrub { http, json } => client::scrub(http, json),
+        Command::Revoke { data, node } => {
+            let dir = node::tls_dir(&data);
+            if !dir.join("ca.key").exists() {
+                return Err(config::usage(format!(
+                    "{} holds no cluster CA: revoke on the node that created the cluster",
+                    data.display()
+                ))
+                .into());
+            }
+            ferry_transfer::seed::validate_node_id(&node).map_err(config::usage)?;
+            NodeAuth::revoke(&dir, &node)
+                .with_context(|| format!("revoke {node} in {}", dir.display()))?;
+            let token = NodeAuth::rotate_secret(&dir)
+                .with_context(|| format!("rotate the join secret in {}", dir.display()))?;
+            println!("revoked {node}: the leader refuses it from now on (within a second on a running leader)");
+            println!("the join secret was rotated; the new token is:");
+            println!("{token}");
+            Ok(0)
+        }
     }
 }
 
@@ -534,6 +572,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             ..ServeOptions::default()
         },
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),
+        cert_lifetime: Duration::from_secs(args.cert_lifetime_secs.max(10)),
         scrub_interval: (args.scrub_interval_secs > 0)
             .then(|| Duration::from_secs(args.scrub_interval_secs)),
         transport: args.congestion.transport(args.peer_timeout_ms),
@@ -628,9 +667,14 @@ fn certs(c: CertsCommand) -> Result<i32> {
                 out.join("ca.key").display()
             );
         }
-        CertsCommand::Issue { ca_dir, name, out } => {
+        CertsCommand::Issue {
+            ca_dir,
+            name,
+            out,
+            days,
+        } => {
             let ca = ClusterCa::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca.key"))?;
-            let ck = ca.issue(&name)?;
+            let ck = ca.issue(&name, Duration::from_secs(days.saturating_mul(86_400)))?;
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join(format!("{name}.pem")), &ck.cert_pem)?;
             ferry_transfer::auth::write_private(

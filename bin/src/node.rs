@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub serve: ServeOptions,
     /// The first wait before a re-seed that follows soon after another.
     pub reseed_backoff: Duration,
+    /// How long the certificates this node issues stay valid.
+    pub cert_lifetime: Duration,
     /// How often to scrub the database for corruption at rest.
     pub scrub_interval: Option<Duration>,
     /// QUIC settings (windows, keep-alive and idle timeout) of every
@@ -491,8 +493,15 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
             NodeAuth::from_files(ca, cert, key).context("load the TLS files")?
         }
         None => {
-            let (auth, token) = NodeAuth::load_or_init(&tls_dir(&cfg.data), &cfg.node_id)
+            let (mut auth, token) = NodeAuth::load_or_init(&tls_dir(&cfg.data), &cfg.node_id)
                 .context("load or create the cluster identity")?;
+            auth.set_cert_lifetime(cfg.cert_lifetime);
+            if (auth.renewal_due() || auth.outlives_lifetime()) && auth.can_sign() {
+                auth = auth
+                    .renew_own(&cfg.node_id)
+                    .context("renew this leader's certificate")?;
+                tracing::info!("renewed this leader's certificate");
+            }
             let path = tls_dir(&cfg.data).join("join-token");
             ferry_transfer::auth::write_private(&path, token.to_string().as_bytes())?;
             tracing::info!(token_file = %path.display(), "join token written (print it with `ferry token --data {}`)", cfg.data.display());
@@ -527,12 +536,112 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
     };
     tracing::info!(history = %history.current().id, start = history.current().start, "replication history");
     *node.store.write() = Some(store.clone());
-    let (endpoint, server) = serve_quic(&node, &store, auth)?;
+    let (endpoint, server) = serve_quic(&node, &store, auth.clone())?;
     tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
+    if cfg.tls_files.is_none() && auth.can_sign() {
+        tokio::spawn(renew_own_certificate(
+            Arc::clone(&node),
+            endpoint.clone(),
+            auth,
+        ));
+    }
     tokio::spawn(close_on_shutdown(endpoint, node.shutdown_requested()));
     become_leader(&node, &store, &server, history).await;
     tracing::info!(quic = %cfg.listen, node = %cfg.node_id, seq = store.latest_seq(), "leader running");
     Ok(node)
+}
+
+/// How often a node checks whether its certificate is due for renewal: a
+/// tenth of its lifetime, between a second and an hour.
+fn renewal_check_interval(auth: &NodeAuth) -> Duration {
+    let (nb, na) = auth.validity().unwrap_or((0, 36_000));
+    Duration::from_secs(((na - nb).max(0) as u64 / 10).clamp(1, 3600))
+}
+
+/// Renews this follower's certificate at `leader`, authenticating with the
+/// certificate itself; one that already expired is replaced by enrolling
+/// again with the join token, when the node has one.
+async fn renew_follower_certificate(node: &Node, leader: SocketAddr) -> Result<()> {
+    let cfg = &node.cfg;
+    let dir = tls_dir(&cfg.data);
+    let auth = NodeAuth::load_dir(&dir)?.context("no node identity to renew")?;
+    let expired = auth
+        .validity()
+        .is_ok_and(|(_, na)| na <= ferry_transfer::auth::unix_now());
+    if !expired {
+        let e = Enrollment::renewal(&dir, &cfg.node_id)?;
+        let (cert, ca) = ferry_transfer::follower::enroll(
+            leader,
+            &auth.client_credentials(),
+            &cfg.node_id,
+            &cfg.transport,
+            &e.csr_pem,
+        )
+        .await
+        .context("renew the certificate at the leader")?;
+        let renewed = e.save_renewed(&dir, &cert, &ca)?;
+        tracing::info!(
+            expires_unix = renewed.validity().map(|v| v.1).unwrap_or(0),
+            "renewed this node's certificate"
+        );
+        return Ok(());
+    }
+    let token = cfg.token.clone().context(
+        "this node's certificate expired and it has no join token to enroll again: start it with a current --token",
+    )?;
+    let e = Enrollment::new(&cfg.node_id)?;
+    let (cert, ca) = ferry_transfer::follower::enroll(
+        leader,
+        &ClientAuth::from_token(&token),
+        &cfg.node_id,
+        &cfg.transport,
+        &e.csr_pem,
+    )
+    .await
+    .context("enroll again with the join token (the certificate expired)")?;
+    e.save(&dir, &cert, &ca, &token)?;
+    tracing::info!("enrolled again: the old certificate had expired");
+    Ok(())
+}
+
+/// The leader re-issues its own certificate (it holds the CA key) when a
+/// third of its lifetime is left, and swaps it into the running endpoint:
+/// connections made from then on see the new one.
+async fn renew_own_certificate(
+    node: Arc<Node>,
+    endpoint: ferry_transfer::quinn::Endpoint,
+    mut auth: NodeAuth,
+) {
+    let mut shutdown = node.shutdown_requested();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(renewal_check_interval(&auth)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if !auth.renewal_due() {
+            continue;
+        }
+        let renewed = auth
+            .renew_own(&node.cfg.node_id)
+            .map_err(anyhow::Error::from)
+            .and_then(|a| {
+                let sc = ferry_transfer::endpoint::server_config(&a, &node.cfg.transport)?;
+                endpoint.set_server_config(Some(sc));
+                Ok(a)
+            });
+        match renewed {
+            Ok(a) => {
+                tracing::info!(
+                    expires_unix = a.validity().map(|v| v.1).unwrap_or(0),
+                    "renewed this leader's certificate"
+                );
+                auth = a;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "could not renew this leader's certificate")
+            }
+        }
+    }
 }
 
 /// Makes the node a leader of `history` on an open store and a running
@@ -877,6 +986,12 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             .context("enroll with the leader")?;
             e.save(&tls_dir(&cfg.data), &cert, &ca, &token)?;
             tracing::info!("enrolled: certificate signed by the cluster CA");
+        } else if cfg.tls_files.is_none()
+            && NodeAuth::load_dir(&tls_dir(&cfg.data))?.is_some_and(|a| a.renewal_due())
+        {
+            if let Err(e) = renew_follower_certificate(&node, leader).await {
+                tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying later");
+            }
         }
         // 3. Open the store as a follower and serve seeds from it.
         let (data, opts) = (cfg.data.clone(), cfg.store.clone());
@@ -978,6 +1093,9 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             tracing::warn!(from = %leader, %to, "switching leader: {why}");
             continue;
         }
+        if let Some(Interrupt::Renewed) = interrupt {
+            continue;
+        }
 
         if let Some(Interrupt::Repair { why }) = interrupt {
             tracing::error!(%why, "this follower's database is corrupt at rest: re-seeding, reusing its sound chunks");
@@ -1042,6 +1160,8 @@ enum Interrupt {
     Repair {
         why: String,
     },
+    /// This follower's certificate was renewed: reconnect with it.
+    Renewed,
 }
 
 /// Stops replication (through `stop`) on shutdown, on a promotion request,
@@ -1055,8 +1175,25 @@ async fn interrupts(
     let mut shutdown = node.shutdown_requested();
     let mut requests = node.promote_rx.lock().await;
     let multi = node.cfg.follow.len() > 1;
+    let own = (node.cfg.tls_files.is_none())
+        .then(|| NodeAuth::load_dir(&tls_dir(&node.cfg.data)).ok().flatten())
+        .flatten();
+    let renew_every = own.as_ref().map(renewal_check_interval);
+    // An interval, not a sleep per turn: the other branches fire more often.
+    let mut renew_tick = tokio::time::interval(renew_every.unwrap_or(Duration::from_secs(3600)));
+    renew_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
         let probe_due = tokio::select! {
+            _ = renew_tick.tick(), if renew_every.is_some() => {
+                if own.as_ref().is_some_and(|a| a.renewal_due()) {
+                    match renew_follower_certificate(&node, leader).await {
+                        // Reconnect with the new certificate.
+                        Ok(()) => break Some(Interrupt::Renewed),
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying later"),
+                    }
+                }
+                false
+            }
             _ = shutdown.changed() => false,
             _ = node.repair_wake.notified() => match node.repair.lock().take() {
                 Some(why) => break Some(Interrupt::Repair { why }),

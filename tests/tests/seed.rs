@@ -332,7 +332,9 @@ async fn peers_without_the_right_credential_get_no_data() {
     );
 
     // A client certificate from another CA.
-    let other_node = other.issue("intruder").unwrap();
+    let other_node = other
+        .issue("intruder", ferry_transfer::auth::DEFAULT_CERT_LIFETIME)
+        .unwrap();
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("ca.pem"), &other.cert_pem).unwrap();
     std::fs::write(d.path().join("n.pem"), &other_node.cert_pem).unwrap();
@@ -409,7 +411,9 @@ async fn operator_certificates_authenticate_both_ways() {
     let write = |name: &str, data: &str| std::fs::write(d.path().join(name), data).unwrap();
     write("ca.pem", &ca.cert_pem);
     for n in ["leader", "follower"] {
-        let ck = ca.issue(n).unwrap();
+        let ck = ca
+            .issue(n, ferry_transfer::auth::DEFAULT_CERT_LIFETIME)
+            .unwrap();
         write(&format!("{n}.pem"), &ck.cert_pem);
         write(&format!("{n}.key"), &ck.key_pem);
     }

@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
@@ -153,6 +154,41 @@ pub struct CertKey {
     pub key_pem: String,
 }
 
+/// How long a certificate issued to a node stays valid by default. Nodes
+/// renew theirs when a third of the lifetime is left, so a stolen or
+/// revoked certificate is useless within this time even where the
+/// revocation list does not reach.
+pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A certificate's validity, in Unix seconds: (not before, not after).
+pub fn validity(der: &CertificateDer<'_>) -> Result<(i64, i64), AuthError> {
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(cert_err)?;
+    let v = x.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// The common name of a certificate's subject: the node name ferry issued
+/// it for.
+pub fn common_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = x.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// Whether a certificate valid over `(not_before, not_after)` should be
+/// renewed at `now`: a third of its lifetime or less is left.
+pub fn renewal_due((not_before, not_after): (i64, i64), now: i64) -> bool {
+    now >= not_after - (not_after - not_before).max(0) / 3
+}
+
 /// The cluster CA.
 pub struct ClusterCa {
     pub cert_pem: String,
@@ -196,11 +232,12 @@ impl ClusterCa {
         Ok(fingerprint(&pem_certs(&self.cert_pem)?[0]))
     }
 
-    /// Issues a certificate for a node, valid as server and client.
-    pub fn issue(&self, node_name: &str) -> Result<CertKey, AuthError> {
+    /// Issues a certificate for a node, valid as server and client for
+    /// `lifetime`.
+    pub fn issue(&self, node_name: &str, lifetime: Duration) -> Result<CertKey, AuthError> {
         let ca = issuer(&self.cert_pem, &self.key_pem)?;
         let key = rcgen::KeyPair::generate().map_err(cert_err)?;
-        let params = node_cert_params(node_name)?;
+        let params = node_cert_params(node_name, lifetime)?;
         let cert = params.signed_by(&key, &ca).map_err(cert_err)?;
         Ok(CertKey {
             cert_pem: cert.pem(),
@@ -219,8 +256,13 @@ fn issuer(
 }
 
 /// What every node certificate says: the name `ferry` (and `localhost`),
-/// server and client use, the node's name as common name.
-fn node_cert_params(node_name: &str) -> Result<rcgen::CertificateParams, AuthError> {
+/// server and client use, the node's name as common name, valid for
+/// `lifetime` from now, and from a little before (clock skew: five minutes,
+/// or a tenth of a shorter lifetime).
+fn node_cert_params(
+    node_name: &str,
+    lifetime: Duration,
+) -> Result<rcgen::CertificateParams, AuthError> {
     let mut params =
         rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned(), "localhost".to_owned()])
             .map_err(cert_err)?;
@@ -232,6 +274,11 @@ fn node_cert_params(node_name: &str) -> Result<rcgen::CertificateParams, AuthErr
         rcgen::ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let at = |secs: i64| time::OffsetDateTime::from_unix_timestamp(secs).map_err(cert_err);
+    let now = unix_now();
+    let skew = (lifetime.as_secs() / 10).min(300) as i64;
+    params.not_before = at(now - skew)?;
+    params.not_after = at(now.saturating_add(lifetime.as_secs().min(100 * 365 * 86_400) as i64))?;
     Ok(params)
 }
 
@@ -287,6 +334,11 @@ pub struct NodeAuth {
     /// Where the join secret lives, so a rotation (`ferry token --rotate`)
     /// takes effect on a running node.
     secret_file: Option<PathBuf>,
+    /// The identity directory this was loaded from (where `revoked` and a
+    /// renewed `node.pem` live).
+    dir: Option<PathBuf>,
+    /// How long the certificates this node signs stay valid.
+    cert_lifetime: Duration,
 }
 
 impl fmt::Debug for NodeAuth {
@@ -314,7 +366,83 @@ impl NodeAuth {
             client_cert: true,
             ca_key: None,
             secret_file: None,
+            dir: None,
+            cert_lifetime: DEFAULT_CERT_LIFETIME,
         })
+    }
+
+    /// Sets how long the certificates this node signs stay valid.
+    pub fn set_cert_lifetime(&mut self, lifetime: Duration) {
+        self.cert_lifetime = lifetime;
+    }
+
+    /// This node's certificate's validity, in Unix seconds.
+    pub fn validity(&self) -> Result<(i64, i64), AuthError> {
+        validity(&self.chain[0])
+    }
+
+    /// Whether this node's certificate should be renewed now (a third of
+    /// its lifetime or less is left). Never for operator certificates,
+    /// which ferry did not issue.
+    pub fn renewal_due(&self) -> bool {
+        self.dir.is_some() && self.validity().is_ok_and(|v| renewal_due(v, unix_now()))
+    }
+
+    /// Whether this node's certificate outlives the lifetime this node now
+    /// issues (it was issued under a longer one): re-issue it at once.
+    pub fn outlives_lifetime(&self) -> bool {
+        let limit = self.cert_lifetime.as_secs().saturating_add(60) as i64;
+        self.dir.is_some() && self.validity().is_ok_and(|(_, na)| na - unix_now() > limit)
+    }
+
+    /// Whether the node named `name` was revoked here (`ferry revoke`).
+    /// Read at every check, so a revocation takes effect on a running node.
+    pub fn is_revoked(&self, name: &str) -> bool {
+        let Some(dir) = &self.dir else {
+            return false;
+        };
+        std::fs::read_to_string(dir.join(REVOKED_FILE))
+            .map(|s| s.lines().any(|l| l.trim() == name))
+            .unwrap_or(false)
+    }
+
+    /// Revokes the node named `name` in the identity directory `dir`: the
+    /// leader refuses its connections, its renewals and its enrollment
+    /// from then on, and closes the ones it has.
+    pub fn revoke(dir: &Path, name: &str) -> Result<(), AuthError> {
+        let path = dir.join(REVOKED_FILE);
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().any(|l| l.trim() == name) {
+            return Ok(());
+        }
+        text.push_str(name);
+        text.push('\n');
+        write_replace(&path, text.as_bytes())
+    }
+
+    /// On the node that holds the CA key: re-issues its own certificate
+    /// (same key, new validity) and saves it. Returns the renewed identity.
+    pub fn renew_own(&self, node_name: &str) -> Result<NodeAuth, AuthError> {
+        let (dir, ca_key) = match (&self.dir, &self.ca_key) {
+            (Some(d), Some(k)) => (d, k),
+            _ => {
+                return Err(AuthError::Cert(
+                    "this node cannot sign its own certificate".into(),
+                ))
+            }
+        };
+        let key_pem = std::fs::read_to_string(dir.join("node.key"))
+            .map_err(io_err("read", &dir.join("node.key")))?;
+        let key = rcgen::KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        let ca = issuer(&self.ca_pem(), ca_key)?;
+        let cert = node_cert_params(node_name, self.cert_lifetime)?
+            .signed_by(&key, &ca)
+            .map_err(cert_err)?;
+        write_replace(&dir.join("node.pem"), cert.pem().as_bytes())?;
+        let mut auth = NodeAuth::load_dir(dir)?
+            .ok_or_else(|| AuthError::Cert("identity vanished while renewed".into()))?;
+        auth.cert_lifetime = self.cert_lifetime;
+        Ok(auth)
     }
 
     /// Loads an identity directory (`ca.pem`, `node.pem`, `node.key`, and
@@ -345,6 +473,10 @@ impl NodeAuth {
                 std::fs::read_to_string(&ca_key).map_err(io_err("read", &ca_key))?,
             ));
         }
+        // An enrolled node authenticates with its certificate, so a rotated
+        // join secret does not lock it out and a revocation names it.
+        auth.client_cert = true;
+        auth.dir = Some(dir.to_owned());
         Ok(Some(auth))
     }
 
@@ -418,7 +550,7 @@ impl NodeAuth {
         let ca = issuer(&self.ca_pem(), ca_key_pem)?;
         let mut csr =
             rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(cert_err)?;
-        let params = node_cert_params(node_name)?;
+        let params = node_cert_params(node_name, self.cert_lifetime)?;
         csr.params = params;
         Ok(csr.signed_by(&ca).map_err(cert_err)?.pem())
     }
@@ -442,7 +574,7 @@ impl NodeAuth {
         if !ca_pem.exists() {
             std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
             let ca = ClusterCa::generate("ferry cluster CA")?;
-            let node = ca.issue(node_name)?;
+            let node = ca.issue(node_name, DEFAULT_CERT_LIFETIME)?;
             let mut s = [0u8; 32];
             rand::Rng::fill(&mut rand::rng(), &mut s);
             write_private(&ca_key, ca.key_pem.as_bytes())?;
@@ -535,6 +667,56 @@ impl Enrollment {
             key_pem: key.serialize_pem(),
             csr_pem: csr,
         })
+    }
+
+    /// A request to renew the certificate of the identity in `dir`: the same
+    /// key, so only `node.pem` changes and the renewal is one atomic write.
+    pub fn renewal(dir: &Path, node_name: &str) -> Result<Self, AuthError> {
+        let key_path = dir.join("node.key");
+        let key_pem = std::fs::read_to_string(&key_path).map_err(io_err("read", &key_path))?;
+        let key = rcgen::KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(cert_err)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, node_name);
+        let csr = params
+            .serialize_request(&key)
+            .map_err(cert_err)?
+            .pem()
+            .map_err(cert_err)?;
+        Ok(Self {
+            key_pem,
+            csr_pem: csr,
+        })
+    }
+
+    /// Replaces the certificate in `dir` with a renewed one, after checking
+    /// that it is for this key and from this cluster's CA.
+    pub fn save_renewed(
+        &self,
+        dir: &Path,
+        cert_pem: &str,
+        ca_pem: &str,
+    ) -> Result<NodeAuth, AuthError> {
+        let ca = pem_certs(ca_pem)?.remove(0);
+        let current = NodeAuth::load_dir(dir)?
+            .ok_or_else(|| AuthError::Cert(format!("no identity in {}", dir.display())))?;
+        if fingerprint(&ca) != current.cluster() {
+            return Err(AuthError::Cert(
+                "the renewed certificate comes from another CA".into(),
+            ));
+        }
+        let cert = pem_certs(cert_pem)?.remove(0);
+        let (_, x) = x509_parser::parse_x509_certificate(cert.as_ref()).map_err(cert_err)?;
+        let key = rcgen::KeyPair::from_pem(&self.key_pem).map_err(cert_err)?;
+        if x.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(AuthError::Cert(
+                "the renewed certificate is for another key".into(),
+            ));
+        }
+        write_replace(&dir.join("node.pem"), cert_pem.as_bytes())?;
+        NodeAuth::load_dir(dir)?.ok_or_else(|| AuthError::Cert("identity not saved".into()))
     }
 
     /// Stores the signed identity in `dir` (the layout [`NodeAuth::load_dir`]
@@ -712,6 +894,23 @@ impl ServerCertVerifier for PinnedCa {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// The file that lists revoked node names, one per line.
+pub const REVOKED_FILE: &str = "revoked";
+
+/// Replaces `path` atomically (a temp file, fsynced, renamed over it),
+/// readable by its owner only.
+pub fn write_replace(path: &Path, data: &[u8]) -> Result<(), AuthError> {
+    let tmp = path.with_extension("tmp");
+    write_private(&tmp, data)?;
+    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("sync", dir))?;
+    }
+    Ok(())
 }
 
 /// Writes a secret file readable by its owner only.

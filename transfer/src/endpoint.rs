@@ -198,18 +198,7 @@ pub fn server_endpoint(
     auth: &NodeAuth,
     opts: &TransportOptions,
 ) -> Result<Endpoint, EndpointError> {
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(auth.server_crypto()?)
-        .map_err(|e| AuthError::Tls(e.to_string()))?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    // A server receives only small requests and acknowledgements; before a
-    // peer authenticates it may open one stream and have 64 KiB in flight
-    // (a Hello's bound). The server raises both after the Hello checks out.
-    let mut t = opts.transport();
-    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(UNAUTHENTICATED_RECEIVE_WINDOW));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
-    cfg.transport_config(Arc::new(t));
-    cfg.migration(false);
+    let cfg = server_config(auth, opts)?;
     let sock = socket(addr, opts)?;
     let runtime = quinn::default_runtime().ok_or_else(|| EndpointError::Bind {
         addr,
@@ -222,6 +211,28 @@ pub fn server_endpoint(
         runtime,
     )
     .map_err(|source| EndpointError::Bind { addr, source })
+}
+
+/// The server side of a node's QUIC endpoint: its TLS identity and the
+/// small pre-authentication windows. Swapped in with
+/// `Endpoint::set_server_config` when the node's certificate is renewed.
+pub fn server_config(
+    auth: &NodeAuth,
+    opts: &TransportOptions,
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(auth.server_crypto()?)
+        .map_err(|e| AuthError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // A server receives only small requests and acknowledgements; before a
+    // peer authenticates it may open one stream and have 64 KiB in flight
+    // (a Hello's bound). The server raises both after the Hello checks out.
+    let mut t = opts.transport();
+    t.stream_receive_window(VarInt::from_u32(SERVER_STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(UNAUTHENTICATED_RECEIVE_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    cfg.transport_config(Arc::new(t));
+    cfg.migration(false);
+    Ok(cfg)
 }
 
 /// An endpoint for outgoing connections only.

@@ -175,6 +175,9 @@ impl SnapshotSource for Store {
 pub struct Peer {
     pub addr: SocketAddr,
     pub node_id: String,
+    /// The name in the peer's client certificate, when it presented one:
+    /// what a renewal is issued for and what a revocation names.
+    pub cert_name: Option<String>,
     pub role: Role,
     pub conn: Connection,
 }
@@ -469,6 +472,25 @@ impl Server {
             recv,
             Arc::clone(&leases),
         ));
+        // A revocation (`ferry revoke`) cuts the peer's connection too, not
+        // only its next one.
+        let _revocation = {
+            let (this, conn, names) = (
+                Arc::clone(&self),
+                conn.clone(),
+                [Some(peer.node_id.clone()), peer.cert_name.clone()],
+            );
+            AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if names.iter().flatten().any(|n| this.auth.is_revoked(n)) {
+                        tracing::warn!(peer = %conn.remote_address(), "closing the connection of a revoked node");
+                        conn.close((ErrorCode::Unauthorized as u32).into(), b"revoked");
+                        return;
+                    }
+                }
+            }))
+        };
         let chunk_slots = Arc::new(Semaphore::new(self.opts.max_chunks_in_flight));
         loop {
             let (send, mut recv) = match conn.accept_bi().await {
@@ -551,7 +573,24 @@ impl Server {
             ));
         }
         // A client certificate was verified against the cluster CA by rustls.
+        let cert_name = conn
+            .peer_identity()
+            .and_then(|id| {
+                id.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|chain| chain.first().and_then(crate::auth::common_name));
         let by_cert = conn.peer_identity().is_some();
+        if let Some(name) = [cert_name.as_deref(), Some(node_id.as_str())]
+            .into_iter()
+            .flatten()
+            .find(|n| self.auth.is_revoked(n))
+        {
+            return Err((
+                ErrorCode::Unauthorized,
+                format!("node {name} is revoked here"),
+            ));
+        }
         let by_token = match (self.auth.current_secret(), exported_keying_material(conn)) {
             (Some(secret), Some(exported)) => check_proof(&secret, &exported, &node_id, &proof),
             _ => false,
@@ -565,6 +604,7 @@ impl Server {
         Ok(Peer {
             addr: conn.remote_address(),
             node_id,
+            cert_name,
             role,
             conn: conn.clone(),
         })
@@ -621,7 +661,9 @@ impl Server {
                         peer.role
                     ),
                 },
-                Frame::CertRequest { csr_pem } => match self.auth.sign_csr(&csr_pem, &peer.node_id)
+                Frame::CertRequest { csr_pem } => match self
+                    .auth
+                    .sign_csr(&csr_pem, peer.cert_name.as_deref().unwrap_or(&peer.node_id))
                 {
                     Ok(cert_pem) => {
                         tracing::info!(node = %peer.node_id, "signed a certificate for a joining node");
