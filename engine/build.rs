@@ -3,6 +3,9 @@
 //! `DEP_ROCKSDB_CARGO_MANIFEST_DIR`), so the shim and the library always agree.
 
 fn main() {
+    if std::env::var_os("CARGO_FEATURE_ROCKSDB").is_none() {
+        return;
+    }
     let root = std::env::var("DEP_ROCKSDB_CARGO_MANIFEST_DIR")
         .expect("librocksdb-sys exports its source directory");
     let root = std::path::Path::new(&root);

@@ -925,7 +925,12 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 None,
             );
             let source = cfg.seed_from.unwrap_or(leader);
-            let auth = follower_client_auth(&cfg)?;
+            // The token pins the leader; a seed source the operator named
+            // is another node, trusted through the cluster CA.
+            let mut auth = follower_client_auth(&cfg)?;
+            if cfg.seed_from.is_some() {
+                auth = auth.unpinned();
+            }
             // What this node proved it held no longer applies after a seed.
             ferry_transfer::follower::forget_proof(&cfg.data);
             let mut sc = SeedConfig::new(&cfg.data, source, auth);

@@ -94,6 +94,7 @@ impl RawBatch {
 
     /// Builds a batch from parts that are already known to be consistent
     /// (produced by this process's RocksDB).
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     pub(crate) fn from_trusted(first: Seq, count: u32, data: Bytes) -> Self {
         Self { first, count, data }
     }

@@ -10,6 +10,7 @@ pub type Seq = u64;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// RocksDB returned an error for an operation on the store at `path`.
+    #[cfg(feature = "rocksdb")]
     #[error("rocksdb error in {path}: {source}")]
     Rocks {
         path: PathBuf,

@@ -18,7 +18,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{io, Error, Result, Seq};
-use crate::store::ferry_dir;
+use crate::paths::ferry_dir;
 
 /// The most terms a history keeps (older ones are dropped).
 pub const MAX_TERMS: usize = 1024;
@@ -196,7 +196,7 @@ impl History {
             what: "history.json",
             reason: e.to_string(),
         })?;
-        crate::store::write_atomic(&path(data), &b)
+        crate::paths::write_atomic(&path(data), &b)
     }
 }
 

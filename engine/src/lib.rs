@@ -15,7 +15,10 @@ pub mod error;
 pub mod feed;
 pub mod history;
 pub mod manifest;
+pub mod paths;
+#[cfg(feature = "rocksdb")]
 pub mod sst;
+#[cfg(feature = "rocksdb")]
 pub mod store;
 
 pub use batch::{Batch, Op, RawBatch};
@@ -25,7 +28,9 @@ pub use history::{History, HistoryId, HistoryMismatch, Term};
 pub use manifest::{
     FileEntry, FileKind, FileName, Hash, HashCache, HashStats, Manifest, ManifestId,
 };
+pub use paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
+#[cfg(feature = "rocksdb")]
 pub use store::{
-    ferry_dir, list_checkpoints, seed_dir, write_atomic, CheckpointInfo, CorruptFile, Digest, Scan,
-    ScanPage, ScrubReport, SeqRange, Store, StoreOptions, WalIter, WriteId, FERRY_DIR,
+    list_checkpoints, CheckpointInfo, CorruptFile, Digest, Scan, ScanPage, ScrubReport, SeqRange,
+    Store, StoreOptions, WalIter, WriteId,
 };

@@ -374,7 +374,7 @@ impl HashCache {
             what: "hash cache",
             reason: e.to_string(),
         })?;
-        crate::store::write_atomic(path, &data)?;
+        crate::paths::write_atomic(path, &data)?;
         self.dirty = false;
         Ok(())
     }
@@ -384,6 +384,7 @@ impl HashCache {
     /// can have an old file's name and size. The inode and modification
     /// time tell them apart (a checkpoint's hard link shares both with the
     /// live file, so the cache still serves every checkpoint).
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     fn key(identity: &str, name: &FileName, meta: &std::fs::Metadata, chunk_size: u32) -> String {
         use std::os::unix::fs::MetadataExt;
         format!(
@@ -395,6 +396,7 @@ impl HashCache {
         )
     }
 
+    #[cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
     fn lookup(&self, key: &str) -> Option<(Hash, Vec<Hash>)> {
         let e = self.entries.get(key)?;
         let parse = |s: &str| -> Option<Hash> { hex::decode(s).ok()?.try_into().ok() };
@@ -408,6 +410,7 @@ impl HashCache {
 }
 
 /// Builds the manifest of the checkpoint in `dir`, which holds `seq`.
+#[cfg(feature = "rocksdb")]
 ///
 /// Files that are not RocksDB database files (`LOCK`, `LOG*`, anything of
 /// ferry's) are left out. `identity` scopes the cache to one database.

@@ -30,20 +30,8 @@ use crate::error::{io, DivergenceError, Error, Result, Seq};
 use crate::feed::{Feed, FeedLimits};
 use crate::manifest::{build_manifest, HashCache, HashStats, Manifest, DEFAULT_CHUNK_SIZE};
 
-/// The directory, inside a data directory, where ferry keeps its own files.
-pub const FERRY_DIR: &str = ".ferry";
+pub use crate::paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
 const CHECKPOINTS: &str = "checkpoints";
-const SEED_DIR: &str = "seed";
-
-/// The directory where ferry keeps its own files for the data dir `data`.
-pub fn ferry_dir(data: &Path) -> PathBuf {
-    data.join(FERRY_DIR)
-}
-
-/// Where an unfinished seed of `data` is staged.
-pub fn seed_dir(data: &Path) -> PathBuf {
-    ferry_dir(data).join(SEED_DIR)
-}
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -232,25 +220,6 @@ impl RangeHasher {
             hash: *h.finalize().as_bytes(),
         }
     }
-}
-
-/// Writes `data` to `path` atomically and durably: a temporary file beside
-/// it, fsync, rename, fsync of the directory. A crash leaves the old file
-/// or the new one, never a mix.
-pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
-    f.write_all(data).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))?;
-    Ok(())
 }
 
 impl std::fmt::Debug for Store {

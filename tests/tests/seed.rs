@@ -287,6 +287,7 @@ async fn peers_without_the_right_credential_get_no_data() {
     let wrong = JoinToken {
         ca: leader.token.ca,
         secret: [0x55; 32],
+        leader: leader.token.leader,
     };
     let mut cfg = leader.seed_config(target.path());
     cfg.auth = ClientAuth::from_token(&wrong);
@@ -323,6 +324,7 @@ async fn peers_without_the_right_credential_get_no_data() {
     cfg.auth = ClientAuth::from_token(&JoinToken {
         ca: other.fingerprint().unwrap(),
         secret: leader.token.secret,
+        leader: None,
     });
     cfg.reconnects = 0;
     let err = ferry_transfer::seed(cfg).await.unwrap_err();
@@ -971,4 +973,70 @@ async fn rot_after_the_hash_was_cached_is_caught_by_the_follower_and_never_insta
         Store::open_read_only(target.path()),
         Err(EngineError::SeedInProgress { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_cluster_certificate_cannot_pose_as_the_leader_to_a_token_holder() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill(&leader.store, 100, 3);
+    assert!(
+        leader.token.leader.is_some(),
+        "a leader's token pins its key"
+    );
+    assert!(leader.token.to_string().starts_with("ferry2-"));
+    // An impostor: another node with a certificate from the same CA (as an
+    // enrolled follower has) and the join secret, serving its own data.
+    let tls = leader.dir.path().join(".ferry/tls");
+    let ca = ClusterCa::load(&tls.join("ca.pem"), &tls.join("ca.key")).unwrap();
+    let ck = ca
+        .issue("impostor", ferry_transfer::auth::DEFAULT_CERT_LIFETIME)
+        .unwrap();
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("n.pem"), &ck.cert_pem).unwrap();
+    std::fs::write(d.path().join("n.key"), &ck.key_pem).unwrap();
+    let mut auth = ferry_transfer::NodeAuth::from_files(
+        &tls.join("ca.pem"),
+        &d.path().join("n.pem"),
+        &d.path().join("n.key"),
+    )
+    .unwrap();
+    auth.secret = Some(leader.token.secret);
+    let (idir, istore) = ferry_tests::temp_store(opts());
+    fill(&istore, 50, 99);
+    let impostor = TestLeader::start_on(idir, istore, ServeOptions::default(), None);
+    let endpoint = ferry_transfer::endpoint::server_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &auth,
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let server = ferry_transfer::Server::new(impostor.store.clone(), auth, ServeOptions::default());
+    tokio::spawn(Arc::clone(&server).run(endpoint.clone()));
+
+    // With the leader's token, the impostor is refused at the handshake.
+    let target = tempfile::tempdir().unwrap();
+    let mut cfg =
+        ferry_transfer::SeedConfig::new(target.path(), addr, ClientAuth::from_token(&leader.token));
+    cfg.reconnects = 0;
+    let err = ferry_transfer::seed(cfg).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("not the leader the join token was issued by")
+            || format!("{err:?}").contains("not the leader the join token was issued by"),
+        "{err:?}"
+    );
+    assert!(Store::open_read_only(target.path()).is_err());
+    // Without the pin (a ferry1 token, or --seed-from) it would be believed.
+    let mut cfg = ferry_transfer::SeedConfig::new(
+        target.path(),
+        addr,
+        ClientAuth::from_token(&leader.token).unpinned(),
+    );
+    cfg.reconnects = 0;
+    ferry_transfer::seed(cfg).await.unwrap();
+    // And the real leader passes the pin.
+    let real = tempfile::tempdir().unwrap();
+    ferry_transfer::seed(leader.seed_config(real.path()))
+        .await
+        .unwrap();
 }

@@ -67,22 +67,43 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
-/// The join token: the CA's fingerprint and the join secret.
+/// The join token: the CA's fingerprint, the join secret and, in tokens a
+/// leader prints (`ferry2-`), the fingerprint of the leader's own key, so a
+/// joining node talks to that leader and not to any node the CA signed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinToken {
     pub ca: Fingerprint,
     pub secret: [u8; 32],
+    /// blake3 of the leader's SubjectPublicKeyInfo (stable across its
+    /// certificate renewals, which keep the key).
+    pub leader: Option<Fingerprint>,
 }
 
 impl fmt::Display for JoinToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ferry1-{}-{}",
-            hex::encode(self.ca),
-            hex::encode(self.secret)
-        )
+        match &self.leader {
+            Some(l) => write!(
+                f,
+                "ferry2-{}-{}-{}",
+                hex::encode(self.ca),
+                hex::encode(l),
+                hex::encode(self.secret)
+            ),
+            None => write!(
+                f,
+                "ferry1-{}-{}",
+                hex::encode(self.ca),
+                hex::encode(self.secret)
+            ),
+        }
     }
+}
+
+/// blake3 of a certificate's SubjectPublicKeyInfo: the identity a token
+/// pins.
+pub fn key_fingerprint(der: &CertificateDer<'_>) -> Result<Fingerprint, AuthError> {
+    let (_, x) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(cert_err)?;
+    Ok(*blake3::hash(x.public_key().raw).as_bytes())
 }
 
 impl fmt::Debug for JoinToken {
@@ -99,22 +120,36 @@ impl fmt::Debug for JoinToken {
 impl FromStr for JoinToken {
     type Err = AuthError;
     fn from_str(s: &str) -> Result<Self, AuthError> {
-        let rest = s
-            .trim()
-            .strip_prefix("ferry1-")
-            .ok_or(AuthError::BadToken("it must start with ferry1-"))?;
-        let (ca, secret) = rest
-            .split_once('-')
-            .ok_or(AuthError::BadToken("missing secret"))?;
         let parse = |h: &str| -> Result<[u8; 32], AuthError> {
             hex::decode(h)
                 .ok()
                 .and_then(|v| v.try_into().ok())
                 .ok_or(AuthError::BadToken("expected 64 hex digits"))
         };
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix("ferry2-") {
+            let mut parts = rest.split('-');
+            let (Some(ca), Some(leader), Some(secret), None) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(AuthError::BadToken("a ferry2 token has three parts"));
+            };
+            return Ok(Self {
+                ca: parse(ca)?,
+                leader: Some(parse(leader)?),
+                secret: parse(secret)?,
+            });
+        }
+        let rest = s
+            .strip_prefix("ferry1-")
+            .ok_or(AuthError::BadToken("it must start with ferry2- or ferry1-"))?;
+        let (ca, secret) = rest
+            .split_once('-')
+            .ok_or(AuthError::BadToken("missing secret"))?;
         Ok(Self {
             ca: parse(ca)?,
             secret: parse(secret)?,
+            leader: None,
         })
     }
 }
@@ -520,17 +555,23 @@ impl NodeAuth {
         let tmp = dir.join("join-secret.tmp");
         write_private(&tmp, hex::encode(s).as_bytes())?;
         std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
-        Ok(JoinToken {
-            ca: auth.cluster(),
-            secret: s,
-        })
+        let mut token = auth.token().ok_or(AuthError::BadToken("no join secret"))?;
+        token.secret = s;
+        Ok(token)
     }
 
     /// The join token of this cluster, when this node holds the secret.
+    /// The token that admits nodes here. On the node that holds the CA key
+    /// (the leader) it pins this node's key.
     pub fn token(&self) -> Option<JoinToken> {
+        let leader = self
+            .ca_key
+            .as_ref()
+            .and_then(|_| key_fingerprint(&self.chain[0]).ok());
         self.secret.map(|secret| JoinToken {
             ca: self.cluster(),
             secret,
+            leader,
         })
     }
 
@@ -627,13 +668,14 @@ impl NodeAuth {
         let creds = self
             .client_cert
             .then(|| (self.chain.clone(), self.key.clone_key()));
-        client_crypto(self.cluster(), Some(self.ca.clone()), creds)
+        client_crypto(self.cluster(), Some(self.ca.clone()), creds, None)
     }
 
     /// Client credentials to reach this cluster: a token-holding identity
     /// uses its secret, an operator identity its certificate.
     pub fn client_credentials(&self) -> ClientAuth {
         ClientAuth {
+            pin: None,
             cluster: self.cluster(),
             ca: Some(self.ca.clone()),
             secret: self.secret,
@@ -757,6 +799,10 @@ pub struct ClientAuth {
     pub secret: Option<[u8; 32]>,
     /// A client certificate, for mutual TLS.
     pub cert: Option<(Vec<CertificateDer<'static>>, Arc<PrivateKeyDer<'static>>)>,
+    /// The key fingerprint the server's certificate must carry (from a
+    /// leader's `ferry2-` token): a node that only holds a CA-signed
+    /// certificate cannot pose as the leader to a joining node.
+    pub pin: Option<Fingerprint>,
 }
 
 impl fmt::Debug for ClientAuth {
@@ -776,12 +822,20 @@ impl ClientAuth {
             ca: None,
             secret: Some(token.secret),
             cert: None,
+            pin: token.leader,
         }
+    }
+
+    /// The same credentials without the leader pin: for a seed from a node
+    /// the operator named (`--seed-from`), which is not the token's leader.
+    pub fn unpinned(mut self) -> Self {
+        self.pin = None;
+        self
     }
 
     pub fn crypto(&self) -> Result<rustls::ClientConfig, AuthError> {
         let creds = self.cert.as_ref().map(|(c, k)| (c.clone(), k.clone_key()));
-        client_crypto(self.cluster, self.ca.clone(), creds)
+        client_crypto(self.cluster, self.ca.clone(), creds, self.pin)
     }
 }
 
@@ -789,11 +843,13 @@ fn client_crypto(
     cluster: Fingerprint,
     ca: Option<CertificateDer<'static>>,
     creds: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    pin: Option<Fingerprint>,
 ) -> Result<rustls::ClientConfig, AuthError> {
     let provider = provider();
     let verifier = Arc::new(PinnedCa {
         cluster,
         ca,
+        pin,
         provider: provider.clone(),
     });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -830,6 +886,8 @@ fn tls(e: impl fmt::Display) -> AuthError {
 struct PinnedCa {
     cluster: Fingerprint,
     ca: Option<CertificateDer<'static>>,
+    /// The leader's key, when the token pins it.
+    pin: Option<Fingerprint>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -858,7 +916,16 @@ impl ServerCertVerifier for PinnedCa {
         )
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
+        let verified =
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        if let Some(pin) = self.pin {
+            if key_fingerprint(end_entity).ok() != Some(pin) {
+                return Err(rustls::Error::General(
+                    "this node is not the leader the join token was issued by (its key does not match the token's pin); to seed from a follower, use --seed-from or that follower's own token (`ferry token` on it); after a promotion, get a token from the new leader".into(),
+                ));
+            }
+        }
+        Ok(verified)
     }
 
     fn verify_tls12_signature(
@@ -933,12 +1000,19 @@ mod tests {
 
     #[test]
     fn token_round_trip_and_redaction() {
-        let t = JoinToken {
+        let mut t = JoinToken {
             ca: [7; 32],
             secret: [9; 32],
+            leader: None,
         };
         let s = t.to_string();
+        assert!(s.starts_with("ferry1-"));
         assert_eq!(s.parse::<JoinToken>().unwrap(), t);
+        t.leader = Some([5; 32]);
+        let s = t.to_string();
+        assert!(s.starts_with("ferry2-"));
+        assert_eq!(s.parse::<JoinToken>().unwrap(), t);
+        assert!(format!("{s}-00").parse::<JoinToken>().is_err());
         assert!(!format!("{t:?}").contains("0909"));
         assert!("ferry2-aa-bb".parse::<JoinToken>().is_err());
         assert!("ferry1-zz-bb".parse::<JoinToken>().is_err());
@@ -980,7 +1054,8 @@ mod tests {
                 &auth.ca_pem(),
                 &JoinToken {
                     ca: [0; 32],
-                    secret: token.secret
+                    secret: token.secret,
+                    leader: None,
                 }
             )
             .is_err());
