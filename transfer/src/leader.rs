@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -31,9 +31,14 @@ const MAX_HELLO_FRAME: u32 = 64 * 1024;
 pub enum Compression {
     /// Never compress.
     Off,
-    /// Compress the files whose first chunk shrinks by at least the given
-    /// ratio at the given zstd level (block-compressed SSTs usually do not,
-    /// WAL, MANIFEST and uncompressed SSTs do).
+    /// Follows the bottleneck, per connection. While the connection's
+    /// measured wire rate is well below what the cores can compress (the
+    /// network is the bottleneck: a WAN or a 1 Gbit/s link), every chunk is
+    /// compressed at [`NET_LEVEL`] and sent so when it saves 5 % (a file
+    /// whose first chunk does not is sent raw). Otherwise (loopback, fast
+    /// links: the CPU is the bottleneck) only the files whose first chunk
+    /// shrinks by at least `min_ratio` at `level` are compressed (WAL,
+    /// MANIFEST and uncompressed SSTs; block-compressed SSTs are not).
     Auto { level: i32, min_ratio: f32 },
     /// Compress every chunk; send it compressed when that saves 5 %.
     Always { level: i32 },
@@ -99,6 +104,166 @@ impl Default for ServeOptions {
         }
     }
 }
+
+/// The zstd level of the network-bound mode. Measured on db_bench SSTs in
+/// 2 MiB chunks (one core): level 1 shrinks them 1.5x at 245 MB/s, level 2
+/// 2.6x at 174 MB/s, level 3 3.8x at 151 MB/s (the repeats lie further
+/// apart than level 1's tables reach). Across a 1 Gbit/s link on two cores
+/// shared by both ends, level 2 delivered the most (benches/link.sh).
+pub const NET_LEVEL: i32 = 2;
+
+/// Compression is only tried on a connection whose raw rate is below what
+/// the cores could compress by this margin.
+const NET_MARGIN: f64 = 2.5;
+
+/// zstd at [`NET_LEVEL`] on one core, raw bytes per second (measured on
+/// db_bench chunks on this class of machine).
+const NET_LEVEL_SPEED: f64 = 170e6;
+
+/// One connection's delivery of chunks, and whether its chunks are
+/// compressed at [`NET_LEVEL`] now (see [`Prober`]).
+#[derive(Debug, Default)]
+pub struct LinkMeter {
+    in_flight: AtomicUsize,
+    /// Chunks in flight that were read in each mode (raw, compressed).
+    in_flight_mode: [AtomicUsize; 2],
+    /// Set when no chunk was in flight at some moment since the last tick.
+    idle_seen: AtomicBool,
+    /// Raw bytes of the chunks the peer has received in full.
+    delivered: AtomicU64,
+    compress: AtomicBool,
+}
+
+impl LinkMeter {
+    fn begin(&self, compressed: bool) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight_mode[usize::from(compressed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn end(&self, raw: u64, compressed: bool) {
+        self.delivered.fetch_add(raw, Ordering::Relaxed);
+        self.in_flight_mode[usize::from(compressed)].fetch_sub(1, Ordering::Relaxed);
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_seen.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether chunks were in flight for the whole time since the last call.
+    fn busy(&self) -> bool {
+        !self.idle_seen.swap(false, Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn compressing(&self) -> bool {
+        self.compress.load(Ordering::Relaxed)
+    }
+
+    /// Whether chunks read in the other mode than `compressing` are still
+    /// on their way: what arrives now does not measure the current mode.
+    fn stale(&self, compressing: bool) -> bool {
+        self.in_flight_mode[usize::from(!compressing)].load(Ordering::Relaxed) > 0
+    }
+}
+
+/// Finds out, per connection, whether compressing at [`NET_LEVEL`] pays:
+/// it measures the raw bytes delivered per second with and without it,
+/// while the sender is busy, keeps the faster mode, and measures again
+/// every [`Prober::HOLD`] ticks. Compression is not even tried when the
+/// raw rate is above what the cores could compress (loopback, fast links:
+/// the CPU is the bottleneck there, and a trial would only cost time).
+#[derive(Debug)]
+struct Prober {
+    /// Raw bytes per second above which compression cannot pay.
+    cap: f64,
+    phase: Phase,
+    /// Busy ticks into the phase, and the raw bytes counted in it.
+    ticks: u32,
+    bytes: u64,
+    raw_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Measuring without compression.
+    Raw,
+    /// Measuring with compression.
+    Compressed,
+    /// Keeping the chosen mode for a while.
+    Hold,
+}
+
+impl Prober {
+    /// Ticks (of [`PROBE_TICK`]) to skip at a phase's start, once the
+    /// previous mode's chunks have all arrived, then to measure.
+    const SKIP: u32 = 1;
+    const MEASURE: u32 = 4;
+    const HOLD: u32 = 300;
+
+    fn new(cores: u64) -> Self {
+        Self {
+            cap: cores as f64 * NET_LEVEL_SPEED / NET_MARGIN,
+            phase: Phase::Raw,
+            ticks: 0,
+            bytes: 0,
+            raw_rate: 0.0,
+        }
+    }
+
+    /// One tick: `delivered` raw bytes arrived, `busy` if chunks were in
+    /// flight all along, `stale` if chunks of the previous mode are still
+    /// arriving. Returns whether to compress from now on.
+    fn tick(&mut self, delivered: u64, busy: bool, stale: bool, compressing: bool) -> bool {
+        let secs = PROBE_TICK.as_secs_f64();
+        if self.phase == Phase::Hold {
+            self.ticks += 1;
+            if self.ticks >= Self::HOLD {
+                self.start(Phase::Raw);
+                return false;
+            }
+            return compressing;
+        }
+        if !busy || stale {
+            // An idle sender says nothing about the link, and chunks of the
+            // other mode say nothing about this one: start the phase over.
+            self.ticks = 0;
+            self.bytes = 0;
+            return compressing;
+        }
+        self.ticks += 1;
+        if self.ticks > Self::SKIP {
+            self.bytes += delivered;
+        }
+        if self.ticks < Self::SKIP + Self::MEASURE {
+            return compressing;
+        }
+        let rate = self.bytes as f64 / (f64::from(Self::MEASURE) * secs);
+        match self.phase {
+            Phase::Raw if rate < self.cap => {
+                self.raw_rate = rate;
+                self.start(Phase::Compressed);
+                true
+            }
+            Phase::Raw => {
+                self.start(Phase::Hold);
+                false
+            }
+            Phase::Compressed => {
+                let better = rate > self.raw_rate * 1.1;
+                self.start(Phase::Hold);
+                better
+            }
+            Phase::Hold => compressing,
+        }
+    }
+
+    fn start(&mut self, phase: Phase) {
+        self.phase = phase;
+        self.ticks = 0;
+        self.bytes = 0;
+    }
+}
+
+/// How often a connection's [`Prober`] looks at its [`LinkMeter`].
+const PROBE_TICK: Duration = Duration::from_millis(100);
 
 /// Counters of the serving side.
 #[derive(Debug, Default)]
@@ -491,6 +656,27 @@ impl Server {
                 }
             }))
         };
+        // Whether compression pays on this connection, found by trying.
+        let link = Arc::new(LinkMeter::default());
+        let _prober = {
+            let (link, addr) = (Arc::clone(&link), addr);
+            AbortOnDrop(tokio::spawn(async move {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+                let mut p = Prober::new(cores);
+                let mut last = 0;
+                loop {
+                    tokio::time::sleep(PROBE_TICK).await;
+                    let now = link.delivered.load(Ordering::Relaxed);
+                    let was = link.compressing();
+                    let next = p.tick(now - last, link.busy(), link.stale(was), was);
+                    last = now;
+                    if next != was {
+                        tracing::info!(peer = %addr, compress = next, raw_rate = p.raw_rate as u64, "chunk compression for this peer changed");
+                        link.compress.store(next, Ordering::Relaxed);
+                    }
+                }
+            }))
+        };
         let chunk_slots = Arc::new(Semaphore::new(self.opts.max_chunks_in_flight));
         loop {
             let (send, mut recv) = match conn.accept_bi().await {
@@ -501,6 +687,7 @@ impl Server {
             let leases = Arc::clone(&leases);
             let slots = Arc::clone(&chunk_slots);
             let peer = peer.clone();
+            let link = Arc::clone(&link);
             tokio::spawn(async move {
                 let first = match read_frame(&mut recv).await {
                     Ok(Some(f)) => f,
@@ -516,7 +703,10 @@ impl Server {
                             return;
                         };
                         let cp = leases.lock().get(&session).map(|l| Arc::clone(&l.cp));
-                        this.serve_chunk(cp, file, chunk, send).await;
+                        let mode = link.compressing();
+                        link.begin(mode);
+                        let raw = this.serve_chunk(cp, file, chunk, send, mode).await;
+                        link.end(raw, mode);
                     }
                     other => {
                         let handler = this.streams.lock().clone();
@@ -706,25 +896,38 @@ impl Server {
         file: u32,
         chunk: u32,
         mut send: SendStream,
-    ) {
+        compress_for_network: bool,
+    ) -> u64 {
         let Some(cp) = cp else {
-            return send_error(
+            send_error(
                 &mut send,
                 ErrorCode::NotFound,
                 "no such seed session on this connection",
             )
             .await;
+            return 0;
         };
         let compression = self.opts.compression;
         let read = tokio::task::spawn_blocking(move || {
-            cp.read_chunk(file as usize, chunk as usize, compression)
+            cp.read_chunk(
+                file as usize,
+                chunk as usize,
+                compression,
+                compress_for_network,
+            )
         })
         .await;
         #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
         let (codec, raw_len, mut data) = match read {
             Ok(Ok(r)) => r,
-            Ok(Err((code, msg))) => return send_error(&mut send, code, msg).await,
-            Err(e) => return send_error(&mut send, ErrorCode::Internal, e.to_string()).await,
+            Ok(Err((code, msg))) => {
+                send_error(&mut send, code, msg).await;
+                return 0;
+            }
+            Err(e) => {
+                send_error(&mut send, ErrorCode::Internal, e.to_string()).await;
+                return 0;
+            }
         };
         #[cfg(feature = "faults")]
         if self
@@ -762,9 +965,15 @@ impl Server {
         )
         .await
         .is_ok()
+            && send.finish().is_ok()
         {
-            let _ = send.finish();
+            // Until the peer has the whole chunk, its bytes are queued on
+            // this connection: the link meter counts the sender as busy.
+            if send.stopped().await.is_ok() {
+                return u64::from(raw_len);
+            }
         }
+        0
     }
 }
 
@@ -787,6 +996,8 @@ pub struct SeedCheckpoint {
     pub manifest: Manifest,
     encoded: Bytes,
     compress: Vec<OnceLock<bool>>,
+    /// Per file, in the network-bound mode: whether its first chunk shrank.
+    net_compress: Vec<OnceLock<bool>>,
 }
 
 impl SeedCheckpoint {
@@ -795,6 +1006,7 @@ impl SeedCheckpoint {
         file: usize,
         chunk: usize,
         compression: Compression,
+        compress_for_network: bool,
     ) -> Result<(Codec, u32, Bytes), (ErrorCode, String)> {
         let entry = self
             .manifest
@@ -815,6 +1027,21 @@ impl SeedCheckpoint {
         let (level, worth) = match compression {
             Compression::Off => return Ok((Codec::Raw, raw_len, Bytes::from(buf))),
             Compression::Always { level } => (level, true),
+            Compression::Auto { .. } if compress_for_network => {
+                // The network is the bottleneck: spend the cores on ratio.
+                if self.net_compress[file].get() == Some(&false) {
+                    return Ok((Codec::Raw, raw_len, Bytes::from(buf)));
+                }
+                let c = zstd::bulk::compress(&buf, NET_LEVEL);
+                let saves = c
+                    .as_ref()
+                    .is_ok_and(|c| (c.len() as u64) * 100 < u64::from(raw_len) * 95);
+                let _ = self.net_compress[file].set(saves);
+                return Ok(match c {
+                    Ok(c) if saves => (Codec::Zstd, raw_len, Bytes::from(c)),
+                    _ => (Codec::Raw, raw_len, Bytes::from(buf)),
+                });
+            }
             Compression::Auto { level, min_ratio } => {
                 let worth = *self.compress[file].get_or_init(|| {
                     let sample = &buf[..buf.len().min(256 * 1024)];
@@ -922,6 +1149,7 @@ impl Registry {
                     info,
                     manifest,
                     compress: (0..n).map(|_| OnceLock::new()).collect(),
+                    net_compress: (0..n).map(|_| OnceLock::new()).collect(),
                 })
             })
             .await
@@ -1132,6 +1360,56 @@ fn read_range(path: &std::path::Path, start: u64, end: u64) -> std::io::Result<V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a prober over ticks where the raw mode delivers `raw` bytes
+    /// per tick and the compressed mode `compressed`; returns the modes.
+    fn probe(p: &mut Prober, ticks: usize, raw: u64, compressed: u64) -> Vec<bool> {
+        let mut mode = false;
+        (0..ticks)
+            .map(|_| {
+                mode = p.tick(if mode { compressed } else { raw }, true, false, mode);
+                mode
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compression_is_kept_only_where_it_delivers_more() {
+        let n = (Prober::SKIP + Prober::MEASURE) as usize;
+        // A 1 Gbit/s link: 11.9 MB per 100 ms raw, 30 MB compressed.
+        let mut p = Prober::new(2);
+        let modes = probe(&mut p, 3 * n, 11_900_000, 30_000_000);
+        assert!(!modes[n - 2] && modes[n - 1], "tried after one raw phase");
+        assert!(modes[3 * n - 1], "and kept, since it delivers more");
+        // The same link where compression turns out slower: tried, dropped.
+        let mut p = Prober::new(2);
+        let modes = probe(&mut p, 3 * n, 11_900_000, 9_000_000);
+        assert!(modes[n - 1] && !modes[2 * n - 1] && !modes[3 * n - 1]);
+        // Loopback at 1.2 GB/s: above what two cores compress, never tried.
+        let mut p = Prober::new(2);
+        assert!(probe(&mut p, 3 * n, 120_000_000, 0).iter().all(|m| !m));
+        // Measured again after the hold.
+        let mut p = Prober::new(2);
+        let modes = probe(
+            &mut p,
+            2 * n + Prober::HOLD as usize + 1,
+            11_900_000,
+            30_000_000,
+        );
+        assert!(
+            !modes.last().copied().unwrap_or(true),
+            "a new round starts raw"
+        );
+    }
+
+    #[test]
+    fn an_idle_sender_teaches_the_prober_nothing() {
+        let mut p = Prober::new(2);
+        for _ in 0..100 {
+            assert!(!p.tick(0, false, false, false));
+        }
+        assert_eq!(p.phase, Phase::Raw);
+    }
 
     #[test]
     fn the_busy_control_backs_off_when_the_foreground_suffers_and_recovers_after() {
