@@ -555,6 +555,10 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "seed": seed,
         "last_seed": *node.last_seed.lock(),
         "reseeds": node.reseeds.load(Ordering::SeqCst),
+        "certificate": node.certificate().map(|(expires, renews)| json!({
+            "expires_unix": expires,
+            "renews": renews,
+        })),
         "seeds_served": server.as_ref().map(|s| s.stats.seeds_completed.load(Ordering::Relaxed)),
         "seeds_active": server.as_ref().map(|s| s.active_seeds()),
         "divergences": node.divergences.load(Ordering::SeqCst),
@@ -789,6 +793,9 @@ async fn metrics(State(node): State<Shared>) -> Response {
         node.divergences.load(Ordering::SeqCst),
     );
     g("ferry_up_seconds", node.started.elapsed().as_secs_f64());
+    if let Some((expires, _)) = node.certificate() {
+        g("ferry_certificate_expiry_timestamp_seconds", expires as f64);
+    }
     if let Some(s) = node.server() {
         if let Some(rate) = s.busy_rate() {
             metrics::gauge!("ferry_seed_busy_rate_bytes").set(rate);

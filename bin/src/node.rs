@@ -234,6 +234,20 @@ impl Node {
         true
     }
 
+    /// When this node's certificate expires (Unix seconds), and whether it
+    /// can renew it: a leader that holds the CA key, or a follower (its
+    /// leader signs). A promoted follower has no CA key and cannot.
+    pub fn certificate(&self) -> Option<(i64, bool)> {
+        if self.cfg.tls_files.is_some() {
+            return None;
+        }
+        let auth = NodeAuth::load_dir(&tls_dir(&self.cfg.data))
+            .ok()
+            .flatten()?;
+        let expires = auth.validity().ok()?.1;
+        Some((expires, !self.is_leader() || auth.can_sign()))
+    }
+
     /// Checks every live SST's block checksums. Corruption is counted in
     /// `ferry_corrupt_files_total`; a replicating follower then repairs
     /// itself ([`Node::request_repair`]), a leader only reports it.
@@ -1045,6 +1059,9 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             match r {
                 Ok(p) => {
                     tracing::info!(history = %p.history, seq = p.seq, "promoted: this node leads now");
+                    if let Some((expires, false)) = node.certificate() {
+                        tracing::warn!(expires_unix = expires, "this promoted leader holds no CA key: it cannot renew its certificate or its followers'; copy ca.key from the old leader's .ferry/tls into this node's and restart it before then");
+                    }
                     let _ = reply.send(Ok(p));
                     // The endpoint and server keep running as the leader's.
                     let _ = shutdown.wait_for(|s| *s).await;

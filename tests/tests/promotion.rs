@@ -84,6 +84,9 @@ fn a_promoted_follower_leads_the_other_follows_it_and_the_old_leader_is_fenced()
         (Some("leader"), Some("leader")),
         "{s}"
     );
+    // It has no CA key: status says it cannot renew, and the log says what to do.
+    assert_eq!(s["certificate"]["renews"], false, "{s}");
+    assert!(f1.log_text().contains("holds no CA key"));
     let new_history = s["history"]["id"].clone();
     assert_ne!(new_history, history, "a new term");
     assert!(out.contains(new_history.as_str().unwrap_or("?")), "{out}");

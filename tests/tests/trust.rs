@@ -41,6 +41,11 @@ fn short_lived_certificates_renew_and_the_cluster_outlives_the_first_ones() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Status and metrics report the renewed expiry.
+    let st = leader.status();
+    assert_eq!(st["certificate"]["renews"], true, "{st}");
+    assert!(st["certificate"]["expires_unix"].as_i64().expect("expiry") > l0.1);
+    assert!(leader.metric("ferry_certificate_expiry_timestamp_seconds") > l0.1 as f64);
     // Past the first certificates' expiry, a restarted follower connects
     // with the renewed ones and catches up.
     let now = ferry_transfer::auth::unix_now();
