@@ -95,6 +95,28 @@ pub fn ferry(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// A finished command's exit code and its stdout followed by its stderr.
+pub fn code_and_text(out: &std::process::Output) -> (i32, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Runs `ferry` with `args`; returns its exit code and output, whatever it is.
+pub fn ferry_status(args: &[&str]) -> (i32, String) {
+    code_and_text(
+        &Command::new(ferry_bin())
+            .args(args)
+            .output()
+            .expect("run ferry"),
+    )
+}
+
 /// Finds a RocksDB tool (`db_bench`, `ldb`) from Debian's rocksdb-tools.
 pub fn rocksdb_tool(name: &str) -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin"] {
@@ -553,26 +575,15 @@ pub fn verified_chunks(data: &Path) -> u32 {
 
 /// Runs `ferry verify` between two nodes; returns its exit code and output.
 pub fn verify(leader: &Proc, follower: &Proc) -> (i32, String) {
-    let out = Command::new(ferry_bin())
-        .args([
-            "verify",
-            "--leader-http",
-            &leader.http.to_string(),
-            "--follower-http",
-            &follower.http.to_string(),
-            "--timeout-secs",
-            "60",
-        ])
-        .output()
-        .expect("run ferry verify");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ferry_status(&[
+        "verify",
+        "--leader-http",
+        &leader.http.to_string(),
+        "--follower-http",
+        &follower.http.to_string(),
+        "--timeout-secs",
+        "60",
+    ])
 }
 
 /// `size` characters of hex noise derived from `seed`: values that RocksDB's
@@ -605,6 +616,15 @@ pub fn flip_bit(path: &Path, at: u64) {
     f.read_exact_at(&mut b, at).expect("read the byte");
     f.write_all_at(&[b[0] ^ 0x10], at).expect("write the byte");
     f.sync_all().expect("sync");
+}
+
+/// Rots the largest SST directly in `dir` (a bit flipped in its middle,
+/// inside a data block); returns its path.
+pub fn rot_largest_sst(dir: &Path) -> PathBuf {
+    let sst = sst_files(dir).into_iter().next().expect("an SST");
+    let len = std::fs::metadata(&sst).expect("stat").len();
+    flip_bit(&sst, len / 2);
+    sst
 }
 
 /// The SST files directly in `dir`, largest first.

@@ -17,15 +17,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
             c.env_remove(k);
         }
     }
-    let out = c.output().expect("run ferry");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ferry_tests::code_and_text(&c.output().expect("run ferry"))
 }
 
 #[test]

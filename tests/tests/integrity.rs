@@ -6,24 +6,22 @@
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{ferry_bin, flip_bit, sst_files, verify, Proc};
+use ferry_tests::{ferry_bin, ferry_status, rot_largest_sst, verify, Proc};
 
 const T: Duration = Duration::from_secs(90);
 
 /// `ferry scrub --http ADDR`: exit code and output.
 fn scrub(node: &Proc) -> (i32, String) {
-    let out = Command::new(ferry_bin())
-        .args(["scrub", "--http", &node.http.to_string()])
-        .output()
-        .expect("run ferry scrub");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ferry_status(&["scrub", "--http", &node.http.to_string()])
+}
+
+/// Rots the largest SST in `dir`; returns its file name.
+fn rot(dir: &std::path::Path) -> String {
+    rot_largest_sst(dir)
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[test]
@@ -46,14 +44,7 @@ fn a_follower_repairs_a_rotted_sst_fetching_only_the_damaged_chunk() {
     assert_eq!(code, 0, "a sound follower scrubs clean: {out}");
 
     // Bit rot in the middle of the follower's largest SST.
-    let sst = sst_files(&fdir).into_iter().next().expect("an SST");
-    let len = std::fs::metadata(&sst).expect("stat").len();
-    flip_bit(&sst, len / 2);
-    let name = sst
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
+    let name = rot(&fdir);
 
     let (code, out) = scrub(&follower);
     assert_eq!(code, 3, "{out}");
@@ -85,14 +76,7 @@ fn a_leader_with_a_rotted_sst_reports_it_and_ships_nothing() {
     let leader = Proc::start(&ldir, &["--node-id", "leader"]);
     leader.fill("base-", 20_000, 1000, 200);
     ferry_tests::post(&leader.url("/v1/admin/flush")).ok_json();
-    let sst = sst_files(&ldir).into_iter().next().expect("an SST");
-    let len = std::fs::metadata(&sst).expect("stat").len();
-    flip_bit(&sst, len / 2);
-    let name = sst
-        .file_name()
-        .expect("name")
-        .to_string_lossy()
-        .into_owned();
+    let name = rot(&ldir);
 
     let (code, out) = scrub(&leader);
     assert_eq!(code, 3, "{out}");
@@ -100,25 +84,17 @@ fn a_leader_with_a_rotted_sst_reports_it_and_ships_nothing() {
 
     // A new node's seed is refused with the reason, and nothing is installed.
     let target = d.path().join("new");
-    let out = Command::new(ferry_bin())
-        .args([
-            "seed",
-            "--no-progress",
-            "--leader",
-            &leader.quic.to_string(),
-            "--token",
-            &leader.token(),
-            "--data",
-        ])
-        .arg(&target)
-        .output()
-        .expect("run ferry seed");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "{text}");
+    let (code, text) = ferry_status(&[
+        "seed",
+        "--no-progress",
+        "--leader",
+        &leader.quic.to_string(),
+        "--token",
+        &leader.token(),
+        "--data",
+        target.to_str().expect("utf-8"),
+    ]);
+    assert_ne!(code, 0, "{text}");
     assert!(text.contains("corrupt") && text.contains(&name), "{text}");
     assert!(!target.join("CURRENT").exists());
     assert!(leader.metric("ferry_corrupt_files_total") >= 2.0);

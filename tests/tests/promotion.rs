@@ -16,18 +16,7 @@ fn promote(node: &Proc, force: bool) -> (i32, String) {
     if force {
         args.push("--force");
     }
-    let out = std::process::Command::new(ferry_bin())
-        .args(&args)
-        .output()
-        .expect("run ferry promote");
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ferry_tests::ferry_status(&args)
 }
 
 #[test]

@@ -913,13 +913,7 @@ async fn max_rate_caps_the_seed() {
 /// The leader's SSTs, with one rotted in place: a bit flipped in the middle
 /// of its largest SST (a data block), after the leader wrote it.
 fn rot_an_sst(leader: &TestLeader) -> std::path::PathBuf {
-    let sst = ferry_tests::sst_files(leader.store.path())
-        .into_iter()
-        .next()
-        .expect("the leader has an SST");
-    let len = std::fs::metadata(&sst).unwrap().len();
-    ferry_tests::flip_bit(&sst, len / 2);
-    sst
+    ferry_tests::rot_largest_sst(leader.store.path())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
