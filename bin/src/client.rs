@@ -179,14 +179,11 @@ pub fn compare(
     Ok((same, l, f))
 }
 
-/// Promotes the follower at `http`; prints the new history and sequence.
-/// A refusal (409) exits 1 with the node's reason.
-pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
-    let url = format!(
-        "http://{http}/v1/admin/promote{}",
-        if force { "?force=true" } else { "" }
-    );
-    let mut r = agent(Duration::from_secs(40))
+/// POSTs to an admin endpoint of the node at `http`; returns the JSON body,
+/// or fails with "`failed` (HTTP code): the node's reason".
+fn post_admin(http: SocketAddr, path: &str, timeout: Duration, failed: &str) -> Result<Value> {
+    let url = format!("http://{http}{path}");
+    let mut r = agent(timeout)
         .post(&url)
         .send_empty()
         .with_context(|| format!("POST {url}"))?;
@@ -194,10 +191,26 @@ pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
     let body: Value = r.body_mut().read_json().unwrap_or(Value::Null);
     if !(200..300).contains(&code) {
         bail!(
-            "promotion refused by {http} (HTTP {code}): {}",
+            "{failed} (HTTP {code}): {}",
             body["error"].as_str().unwrap_or("(no message)")
         );
     }
+    Ok(body)
+}
+
+/// Promotes the follower at `http`; prints the new history and sequence.
+/// A refusal (409) exits 1 with the node's reason.
+pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
+    let path = format!(
+        "/v1/admin/promote{}",
+        if force { "?force=true" } else { "" }
+    );
+    let body = post_admin(
+        http,
+        &path,
+        Duration::from_secs(40),
+        &format!("promotion refused by {http}"),
+    )?;
     if json {
         println!("{body}");
     } else {
@@ -218,19 +231,12 @@ pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
 /// Exit 0 when all are sound, 3 when some are corrupt (a follower then
 /// repairs itself by a re-seed that reuses its sound chunks).
 pub fn scrub(http: SocketAddr, json: bool) -> Result<i32> {
-    let url = format!("http://{http}/v1/admin/scrub");
-    let mut r = agent(Duration::from_secs(3600))
-        .post(&url)
-        .send_empty()
-        .with_context(|| format!("POST {url}"))?;
-    let code = r.status().as_u16();
-    let body: Value = r.body_mut().read_json().unwrap_or(Value::Null);
-    if !(200..300).contains(&code) {
-        bail!(
-            "scrub failed on {http} (HTTP {code}): {}",
-            body["error"].as_str().unwrap_or("(no message)")
-        );
-    }
+    let body = post_admin(
+        http,
+        "/v1/admin/scrub",
+        Duration::from_secs(3600),
+        &format!("scrub failed on {http}"),
+    )?;
     let corrupt = body["corrupt"].as_array().cloned().unwrap_or_default();
     if json {
         println!("{body}");

@@ -600,9 +600,20 @@ async fn renew_follower_certificate(node: &Node, leader: SocketAddr) -> Result<(
         );
         return Ok(());
     }
-    let token = cfg.token.clone().context(
+    enroll_with_token(
+        cfg,
+        leader,
         "this node's certificate expired and it has no join token to enroll again: start it with a current --token",
-    )?;
+    )
+    .await?;
+    tracing::info!("enrolled again: the old certificate had expired");
+    Ok(())
+}
+
+/// Enrolls at `leader` with the join token: a new key, a certificate signed
+/// by the cluster CA, saved under the data directory.
+async fn enroll_with_token(cfg: &NodeConfig, leader: SocketAddr, no_token: &str) -> Result<()> {
+    let token = cfg.token.clone().with_context(|| no_token.to_owned())?;
     let e = Enrollment::new(&cfg.node_id)?;
     let (cert, ca) = ferry_transfer::follower::enroll(
         leader,
@@ -612,9 +623,8 @@ async fn renew_follower_certificate(node: &Node, leader: SocketAddr) -> Result<(
         &e.csr_pem,
     )
     .await
-    .context("enroll again with the join token (the certificate expired)")?;
-    e.save(&dir, &cert, &ca, &token)?;
-    tracing::info!("enrolled again: the old certificate had expired");
+    .context("enroll with the leader")?;
+    e.save(&tls_dir(&cfg.data), &cert, &ca, &token)?;
     Ok(())
 }
 
@@ -988,28 +998,18 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         }
         // 2. A token-joined follower gets a certificate from the leader, so
         //    it can serve seeds to nodes that join after it.
-        if cfg.tls_files.is_none() && NodeAuth::load_dir(&tls_dir(&cfg.data))?.is_none() {
-            let token = cfg
-                .token
-                .clone()
-                .context("a join token is required to enroll")?;
-            let e = Enrollment::new(&cfg.node_id)?;
-            let (cert, ca) = ferry_transfer::follower::enroll(
-                leader,
-                &ClientAuth::from_token(&token),
-                &cfg.node_id,
-                &cfg.transport,
-                &e.csr_pem,
-            )
-            .await
-            .context("enroll with the leader")?;
-            e.save(&tls_dir(&cfg.data), &cert, &ca, &token)?;
-            tracing::info!("enrolled: certificate signed by the cluster CA");
-        } else if cfg.tls_files.is_none()
-            && NodeAuth::load_dir(&tls_dir(&cfg.data))?.is_some_and(|a| a.renewal_due())
-        {
-            if let Err(e) = renew_follower_certificate(&node, leader).await {
-                tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying later");
+        if cfg.tls_files.is_none() {
+            match NodeAuth::load_dir(&tls_dir(&cfg.data))? {
+                None => {
+                    enroll_with_token(&cfg, leader, "a join token is required to enroll").await?;
+                    tracing::info!("enrolled: certificate signed by the cluster CA");
+                }
+                Some(a) if a.renewal_due() => {
+                    if let Err(e) = renew_follower_certificate(&node, leader).await {
+                        tracing::warn!(error = %format!("{e:#}"), "certificate renewal failed; retrying later");
+                    }
+                }
+                Some(_) => {}
             }
         }
         // 3. Open the store as a follower and serve seeds from it.

@@ -23,11 +23,26 @@ pub fn seed_dir(data: &Path) -> PathBuf {
 /// it, fsync, rename, fsync of the directory. A crash leaves the old file
 /// or the new one, never a mix.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, None)
+}
+
+/// [`write_atomic`] for a secret: the file is readable by its owner only.
+pub fn write_atomic_private(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_mode(path, data, Some(0o600))
+}
+
+fn write_atomic_mode(path: &Path, data: &[u8], mode: Option<u32>) -> Result<()> {
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    if let Some(m) = mode {
+        o.mode(m);
+    }
+    let mut f = o.open(&tmp).map_err(io("create", &tmp))?;
     f.write_all(data).map_err(io("write", &tmp))?;
     f.sync_all().map_err(io("sync", &tmp))?;
     drop(f);

@@ -551,17 +551,13 @@ impl NodeAuth {
         }
         let mut s = [0u8; 32];
         rand::Rng::fill(&mut rand::rng(), &mut s);
-        let path = dir.join("join-secret");
-        let tmp = dir.join("join-secret.tmp");
-        write_private(&tmp, hex::encode(s).as_bytes())?;
-        std::fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+        write_replace(&dir.join("join-secret"), hex::encode(s).as_bytes())?;
         let mut token = auth.token().ok_or(AuthError::BadToken("no join secret"))?;
         token.secret = s;
         Ok(token)
     }
 
-    /// The join token of this cluster, when this node holds the secret.
-    /// The token that admits nodes here. On the node that holds the CA key
+    /// The token that admits nodes here, when this node holds the secret. On the node that holds the CA key
     /// (the leader) it pins this node's key.
     pub fn token(&self) -> Option<JoinToken> {
         let leader = self
@@ -693,22 +689,10 @@ pub struct Enrollment {
 }
 
 impl Enrollment {
+    /// A request with a new key.
     pub fn new(node_name: &str) -> Result<Self, AuthError> {
         let key = rcgen::KeyPair::generate().map_err(cert_err)?;
-        let mut params =
-            rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(cert_err)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, node_name);
-        let csr = params
-            .serialize_request(&key)
-            .map_err(cert_err)?
-            .pem()
-            .map_err(cert_err)?;
-        Ok(Self {
-            key_pem: key.serialize_pem(),
-            csr_pem: csr,
-        })
+        Self::for_key(key.serialize_pem(), &key, node_name)
     }
 
     /// A request to renew the certificate of the identity in `dir`: the same
@@ -717,13 +701,17 @@ impl Enrollment {
         let key_path = dir.join("node.key");
         let key_pem = std::fs::read_to_string(&key_path).map_err(io_err("read", &key_path))?;
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(cert_err)?;
+        Self::for_key(key_pem, &key, node_name)
+    }
+
+    fn for_key(key_pem: String, key: &rcgen::KeyPair, node_name: &str) -> Result<Self, AuthError> {
         let mut params =
             rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(cert_err)?;
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, node_name);
         let csr = params
-            .serialize_request(&key)
+            .serialize_request(key)
             .map_err(cert_err)?
             .pem()
             .map_err(cert_err)?;
@@ -966,18 +954,13 @@ impl ServerCertVerifier for PinnedCa {
 /// The file that lists revoked node names, one per line.
 pub const REVOKED_FILE: &str = "revoked";
 
-/// Replaces `path` atomically (a temp file, fsynced, renamed over it),
-/// readable by its owner only.
+/// Replaces `path` atomically and durably, readable by its owner only
+/// (the engine's [`ferry_engine::paths::write_atomic_private`]).
 pub fn write_replace(path: &Path, data: &[u8]) -> Result<(), AuthError> {
-    let tmp = path.with_extension("tmp");
-    write_private(&tmp, data)?;
-    std::fs::rename(&tmp, path).map_err(io_err("rename", path))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("sync", dir))?;
-    }
-    Ok(())
+    ferry_engine::paths::write_atomic_private(path, data).map_err(|e| match e {
+        ferry_engine::Error::Io { op, path, source } => AuthError::Io { op, path, source },
+        other => AuthError::Cert(other.to_string()),
+    })
 }
 
 /// Writes a secret file readable by its owner only.
