@@ -6,7 +6,7 @@
 #
 #   benches/link.sh [RATE] [RUNS]        # default 1gbit 3
 #
-# Environment: FERRY_BENCH_VALUES (dbbench, default, or realistic),
+# Environment: FERRY_BENCH_VALUES (dbbench, the default; realistic; random),
 # FERRY_BENCH_SIZE (default 256MiB), FERRY_BENCH_DATA (dataset directory,
 # created when missing). Methods are interleaved; the table gives medians
 # and each method's speed against rsync -z over ssh in the same run.
@@ -90,6 +90,15 @@ BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
 cat "$SRC"/* > /dev/null
 rsync_ssh() { rsync -a -e "$SSH" "root@$INNER:$SRC/" "$WORK/dst/"; }
 rsync_ssh_z() { rsync -a -z -e "$SSH" "root@$INNER:$SRC/" "$WORK/dst/"; }
+# What one plaintext TCP stream carries across this link: the link's usable
+# rate on this machine, for the incompressible case.
+tar_nc() {
+  (nc -l -d -s "$OUTER" -p 7483 | tar -x -C "$WORK/dst") &
+  local r=$!
+  sleep 0.2
+  $INNS sh -c "tar -c -C '$SRC' . | nc -N $OUTER 7483"
+  wait $r
+}
 
 declare -A TIMES WIRE
 timed() { # key command...
@@ -105,9 +114,9 @@ timed() { # key command...
   WIRE[$key]+="$((b1 - b0)) "
   printf '%-12s %6.2fs\n' "$key" "$(echo "$t1 - $t0" | bc)" >&2
 }
-METHODS=(ferry rsync-ssh rsync-ssh-z)
-declare -A NAME=([ferry]='ferry seed (defaults)' [rsync-ssh]='rsync -a over ssh' [rsync-ssh-z]='rsync -a -z over ssh')
-declare -A CMD=([ferry]=ferry_seed [rsync-ssh]=rsync_ssh [rsync-ssh-z]=rsync_ssh_z)
+METHODS=(ferry rsync-ssh rsync-ssh-z tar-nc)
+declare -A NAME=([ferry]='ferry seed (defaults)' [rsync-ssh]='rsync -a over ssh' [rsync-ssh-z]='rsync -a -z over ssh' [tar-nc]='tar \| nc (plaintext TCP)')
+declare -A CMD=([ferry]=ferry_seed [rsync-ssh]=rsync_ssh [rsync-ssh-z]=rsync_ssh_z [tar-nc]=tar_nc)
 for i in $(seq "$RUNS"); do
   echo "round $i of $RUNS" >&2
   for m in "${METHODS[@]}"; do timed "$m" "${CMD[$m]}"; done
@@ -117,13 +126,13 @@ z=$(echo "${TIMES[rsync-ssh-z]}" | median)
 MB=$(echo "scale=2; $BYTES/1000000" | bc)
 echo "Link: veth + tbf at $RATE ($bits bit/s) into a network namespace. Dataset: $VALUES, $MB MB of checkpoint files. Runs: $RUNS, interleaved. Date: $(date -u +%F). Machine: $(nproc) cores."
 echo
-echo "| method | median s | MB/s of data | wire MB | ratio (data / wire) | vs rsync -z over ssh | runs (s) |"
-echo "|---|---:|---:|---:|---:|---:|---|"
+echo "| method | median s | MB/s of data | of link rate | wire MB | ratio (data / wire) | vs rsync -z over ssh | runs (s) |"
+echo "|---|---:|---:|---:|---:|---:|---:|---|"
 for m in "${METHODS[@]}"; do
   med=$(echo "${TIMES[$m]}" | median)
   wire=$(echo "${WIRE[$m]}" | median)
   runs=$(for t in ${TIMES[$m]}; do printf '%.2f ' "$t"; done)
-  printf '| %s | %.2f | %.0f | %.1f | %.2f | %.2fx | %s|\n' "${NAME[$m]}" "$med" \
-    "$(echo "$BYTES/1000000/$med" | bc -l)" "$(echo "$wire/1000000" | bc -l)" \
+  printf '| %s | %.2f | %.0f | %.2fx | %.1f | %.2f | %.2fx | %s|\n' "${NAME[$m]}" "$med" \
+    "$(echo "$BYTES/1000000/$med" | bc -l)" "$(echo "$BYTES*8/$med/$bits" | bc -l)" "$(echo "$wire/1000000" | bc -l)" \
     "$(echo "$BYTES/$wire" | bc -l)" "$(echo "$z/$med" | bc -l)" "$runs"
 done

@@ -89,17 +89,16 @@ async fn seed_of_a_store_under_load_matches_the_checkpoint() {
     );
 }
 
-/// A real checkpoint plus extra files of boundary sizes.
+/// A real checkpoint plus extra files (`{900 + i:06}.blob`).
 struct PaddedSource {
     store: Store,
-    sizes: Vec<u64>,
+    blobs: Vec<Vec<u8>>,
 }
 
 impl SnapshotSource for PaddedSource {
     fn take(&self) -> Result<(CheckpointInfo, Manifest), EngineError> {
         let info = self.store.checkpoint_tagged("-seed")?;
-        for (i, size) in self.sizes.iter().enumerate() {
-            let data: Vec<u8> = (0..*size).map(|b| (b * 7 + i as u64) as u8).collect();
+        for (i, data) in self.blobs.iter().enumerate() {
             std::fs::write(info.path.join(format!("{:06}.blob", 900 + i)), data).unwrap();
         }
         let (m, _) = build_manifest(
@@ -125,7 +124,11 @@ async fn boundary_file_sizes_arrive_intact() {
     fill(&store, 100, 2);
     let source = Arc::new(PaddedSource {
         store: store.clone(),
-        sizes: sizes.clone(),
+        blobs: sizes
+            .iter()
+            .enumerate()
+            .map(|(i, size)| (0..*size).map(|b| (b * 7 + i as u64) as u8).collect())
+            .collect(),
     });
     let leader = TestLeader::start_on(dir, store, ServeOptions::default(), Some(source));
     let target = tempfile::tempdir().unwrap();
@@ -610,6 +613,50 @@ async fn an_oversize_frame_is_refused_without_allocating_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_protocol_version_is_negotiated_down_to_the_lower() {
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    let auth = ClientAuth::from_token(&leader.token);
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let ours = ferry_transfer::protocol::PROTOCOL_VERSION;
+    for (asked, answered) in [
+        (1, None),
+        (2, Some(2)),
+        (ours, Some(ours)),
+        (ours + 1, Some(ours)),
+    ] {
+        let cfg =
+            ferry_transfer::endpoint::client_config(&auth, &TransportOptions::default()).unwrap();
+        let conn = endpoint
+            .connect_with(cfg, leader.addr, "ferry")
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let exported = ferry_transfer::auth::exported_keying_material(&conn).unwrap();
+        let hello = Frame::Hello {
+            version: asked,
+            role: Role::Seeder,
+            node_id: "n1".into(),
+            cluster: auth.cluster,
+            proof: ferry_transfer::auth::join_proof(&auth.secret.unwrap(), &exported, "n1"),
+        };
+        ferry_transfer::wire::write_frame(&mut send, &hello)
+            .await
+            .unwrap();
+        let reply = ferry_transfer::wire::read_frame(&mut recv).await;
+        match (answered, reply) {
+            (Some(v), Ok(Some(Frame::Welcome { version, .. }))) => assert_eq!(version, v),
+            (None, Ok(Some(Frame::Error { code, .. }))) => assert_eq!(code, ErrorCode::Version),
+            (want, got) => panic!("version {asked}: wanted {want:?}, got {got:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_empty_target_is_refused() {
     let leader = TestLeader::start(opts(), ServeOptions::default());
     let target = tempfile::tempdir().unwrap();
@@ -1055,6 +1102,42 @@ fn leader_with_far_repeats(serve: ServeOptions) -> TestLeader {
     }
     leader.store.flush().unwrap();
     leader
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
+    use rand::{Rng, SeedableRng};
+    // One file whose chunks repeat each other and nothing within: 64 KiB
+    // of noise, 300 times. Compressed alone, no chunk shrinks; against the
+    // file's first chunk, which the follower already holds, each is a few
+    // bytes.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let noise: Vec<u8> = (0..CHUNK).map(|_| rng.random()).collect();
+    let blob = noise.repeat(300);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    fill(&store, 10, 1);
+    let source = Arc::new(PaddedSource {
+        store: store.clone(),
+        blobs: vec![blob.clone()],
+    });
+    // A 4 MB/s cap stands in for a slow link.
+    let serve = ServeOptions {
+        max_rate: Some(4_000_000),
+        busy_max_rate: None,
+        ..ServeOptions::default()
+    };
+    let leader = TestLeader::start_on(dir, store, serve, Some(source));
+    let target = tempfile::tempdir().unwrap();
+    let mut cfg = leader.seed_config(target.path());
+    cfg.parallel = 4;
+    let r = ferry_transfer::seed(cfg).await.unwrap();
+    let ratio = r.bytes_fetched as f64 / r.wire_bytes as f64;
+    eprintln!("data/wire {ratio:.2} in {:.1} s", r.elapsed_secs);
+    // The first half second or so goes raw while the leader measures the
+    // link; after that nearly nothing crosses it.
+    assert!(ratio > 4.0, "data/wire {ratio:.2}");
+    assert!(std::fs::read(target.path().join("000900.blob")).unwrap() == blob);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,6 +68,8 @@ pub struct Client {
     /// The node's id and latest sequence from its `Welcome`.
     pub node_id: String,
     pub latest_seq: u64,
+    /// The protocol version both sides speak (the lower of the two).
+    pub version: u16,
     ctrl: (SendStream, RecvStream),
 }
 
@@ -125,14 +127,15 @@ impl Client {
         write_frame(&mut send, &hello).await.map_err(hs)?;
         match expect_frame(&mut recv).await {
             Ok(Frame::Welcome {
+                version,
                 node_id,
                 latest_seq,
-                ..
             }) => Ok(Self {
                 conn,
                 peer,
                 node_id,
                 latest_seq,
+                version: version.min(PROTOCOL_VERSION),
                 ctrl: (send, recv),
             }),
             Ok(other) => Err(hs(WireError::Unexpected {

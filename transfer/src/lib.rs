@@ -8,6 +8,7 @@
 //! - [`seed`]: the receiving side (verified, parallel, resumable).
 //! - [`replication`], [`follower`]: WAL catch-up and the live stream, both sides.
 //! - [`client`], [`wire`]: connecting, and frames over streams.
+//! - [`dict`]: chunks as compression dictionaries for their files.
 //! - [`netsim`]: a UDP impairment proxy (loss, delay, reordering, blackouts)
 //!   for tests and `ferry bench`.
 //!
@@ -15,6 +16,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod dict;
 pub mod endpoint;
 pub mod follower;
 pub mod leader;

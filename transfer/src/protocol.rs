@@ -40,8 +40,13 @@ use ferry_engine::Seq;
 
 /// The ALPN of ferry's protocol.
 pub const ALPN: &[u8] = b"ferry/1";
-/// The protocol version carried in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// The protocol version carried in `Hello` and `Welcome`. A node accepts a
+/// `Hello` from [`MIN_PROTOCOL_VERSION`] up to its own version and answers
+/// with the lower of the two, which both then speak. Version 3 added the
+/// dictionary of a `ChunkRequest` ([`Codec::ZstdDict`]).
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The oldest version a node still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The size of a frame header.
 pub const HEADER_LEN: usize = 5;
 /// The largest control frame body.
@@ -138,6 +143,10 @@ impl Role {
 pub enum Codec {
     Raw = 0,
     Zstd = 1,
+    /// zstd with the raw bytes of the chunk that the request named as its
+    /// dictionary (a chunk of the same file the requester already holds,
+    /// verified). Only sent in answer to a request that named one.
+    ZstdDict = 2,
 }
 
 /// One protocol message.
@@ -164,10 +173,14 @@ pub enum Frame {
         session: u64,
         manifest: Bytes,
     },
+    /// `dict`: a chunk of the same file that the requester holds, verified,
+    /// and offers as a compression dictionary (version 3; sent as four
+    /// trailing bytes only when present).
     ChunkRequest {
         session: u64,
         file: u32,
         chunk: u32,
+        dict: Option<u32>,
     },
     ChunkReply {
         codec: Codec,
@@ -395,10 +408,14 @@ impl Frame {
                 session,
                 file,
                 chunk,
+                dict,
             } => {
                 out.put_u64_le(*session);
                 out.put_u32_le(*file);
                 out.put_u32_le(*chunk);
+                if let Some(d) = dict {
+                    out.put_u32_le(*d);
+                }
             }
             Frame::ChunkReply {
                 codec,
@@ -539,10 +556,18 @@ impl Frame {
             }
             ty::CHUNK_REQUEST => {
                 need!(16);
+                let (session, file, chunk) =
+                    (body.get_u64_le(), body.get_u32_le(), body.get_u32_le());
+                let dict = if body.remaining() >= 4 {
+                    Some(body.get_u32_le())
+                } else {
+                    None
+                };
                 Frame::ChunkRequest {
-                    session: body.get_u64_le(),
-                    file: body.get_u32_le(),
-                    chunk: body.get_u32_le(),
+                    session,
+                    file,
+                    chunk,
+                    dict,
                 }
             }
             ty::CHUNK_REPLY => {
@@ -550,6 +575,7 @@ impl Frame {
                 let codec = match body.get_u8() {
                     0 => Codec::Raw,
                     1 => Codec::Zstd,
+                    2 => Codec::ZstdDict,
                     _ => {
                         return Err(DecodeError::Malformed {
                             ty: t,
@@ -820,6 +846,7 @@ mod tests {
             session: 0x0102030405060708,
             file: 3,
             chunk: 0x10,
+            dict: None,
         }
         .encode(&mut buf);
         assert_eq!(
@@ -830,6 +857,25 @@ mod tests {
                 "0807060504030201", // session
                 "03000000",         // file index
                 "10000000",         // chunk index
+            )
+        );
+        buf.clear();
+        Frame::ChunkRequest {
+            session: 0x0102030405060708,
+            file: 3,
+            chunk: 0x10,
+            dict: Some(0),
+        }
+        .encode(&mut buf);
+        assert_eq!(
+            hex::encode(&buf),
+            concat!(
+                "14000000",         // body length 20
+                "06",               // ChunkRequest
+                "0807060504030201", // session
+                "03000000",         // file index
+                "10000000",         // chunk index
+                "00000000",         // dictionary: chunk 0
             )
         );
         buf.clear();
@@ -1025,16 +1071,21 @@ mod tests {
             Just(Frame::ManifestRequest),
             (any::<u64>(), bytes.clone())
                 .prop_map(|(session, manifest)| Frame::ManifestReply { session, manifest }),
-            (any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(session, file, chunk)| {
-                Frame::ChunkRequest {
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>(),
+                proptest::option::of(any::<u32>())
+            )
+                .prop_map(|(session, file, chunk, dict)| Frame::ChunkRequest {
                     session,
                     file,
                     chunk,
-                }
-            }),
-            (any::<bool>(), 0..=MAX_CHUNK_SIZE, bytes.clone()).prop_map(|(z, raw_len, data)| {
+                    dict,
+                }),
+            (0..3u8, 0..=MAX_CHUNK_SIZE, bytes.clone()).prop_map(|(z, raw_len, data)| {
                 Frame::ChunkReply {
-                    codec: if z { Codec::Zstd } else { Codec::Raw },
+                    codec: [Codec::Raw, Codec::Zstd, Codec::ZstdDict][usize::from(z)],
                     raw_len,
                     data,
                 }

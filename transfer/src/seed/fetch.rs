@@ -1,6 +1,76 @@
 //! Fetching one chunk, verifying it against its hash, writing it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use zstd::dict::DecoderDictionary;
+
 use super::*;
+
+/// The dictionary chunks (crate::dict) of a seed: which files' this
+/// follower holds, and their decoders.
+pub(super) struct Dictionaries {
+    /// Whether the leader takes dictionaries (protocol version 3).
+    offer: bool,
+    held: Vec<AtomicBool>,
+    landed: tokio::sync::Notify,
+    cache: DictCache<usize, DecoderDictionary<'static>>,
+}
+
+impl Dictionaries {
+    pub(super) fn new(offer: bool, held: impl Iterator<Item = bool>) -> Self {
+        Self {
+            offer,
+            held: held.map(AtomicBool::new).collect(),
+            landed: tokio::sync::Notify::new(),
+            cache: DictCache::new(8),
+        }
+    }
+
+    /// The dictionary to offer with a request for `chunk` of `file`. Waits
+    /// until the file's dictionary chunk has landed: it was queued first,
+    /// so it is in flight already (or the seed fails and this is aborted).
+    async fn offer(&self, file: usize, chunk: usize) -> Option<u32> {
+        if !self.offer || chunk == DICT_CHUNK as usize {
+            return None;
+        }
+        loop {
+            let landed = self.landed.notified();
+            if self.held[file].load(Ordering::Acquire) {
+                return Some(DICT_CHUNK);
+            }
+            landed.await;
+        }
+    }
+
+    fn landed(&self, file: usize) {
+        self.held[file].store(true, Ordering::Release);
+        self.landed.notify_waiters();
+    }
+
+    /// The decoder for `file`'s dictionary chunk, read back from the staged
+    /// file and checked against the manifest again.
+    fn decoder(
+        &self,
+        m: &Manifest,
+        file: usize,
+        path: &Path,
+    ) -> Result<Arc<DecoderDictionary<'static>>, Fault> {
+        self.cache.get_or_load(file, || {
+            use std::os::unix::fs::FileExt;
+            let entry = &m.files[file];
+            let chunk = DICT_CHUNK as usize;
+            let (start, end) = entry.chunk_range(chunk, m.chunk_size);
+            let mut buf = vec![0; (end - start) as usize];
+            std::fs::File::open(path)
+                .and_then(|f| f.read_exact_at(&mut buf, start))
+                .map_err(|_| Fault::Mismatch("the dictionary chunk cannot be read"))?;
+            if chunk_hash(entry.size, m.chunk_size, chunk, &buf) != entry.chunks[chunk] {
+                return Err(Fault::Mismatch("the dictionary chunk no longer verifies"));
+            }
+            Ok(DecoderDictionary::copy(&buf))
+        })
+    }
+}
 
 /// Why a received chunk was refused.
 pub(super) enum Fault {
@@ -17,13 +87,19 @@ pub(super) async fn fetch_chunk(
     session: u64,
     manifest: &Arc<Manifest>,
     staging: &Path,
-    file: usize,
-    chunk: usize,
+    (file, chunk): (usize, usize),
+    dicts: &Arc<Dictionaries>,
     attempts: u32,
 ) -> Result<Done, SeedError> {
     let wire = |source| SeedError::Wire { peer, source };
     let mut refetched = 0;
     for attempt in 1..=attempts {
+        // A chunk that failed verification is asked for again without a
+        // dictionary: it takes one suspect out of the path.
+        let dict = match attempt {
+            1 => dicts.offer(file, chunk).await,
+            _ => None,
+        };
         let asked = Instant::now();
         let (mut send, mut recv) = conn
             .open_bi()
@@ -35,6 +111,7 @@ pub(super) async fn fetch_chunk(
                 session,
                 file: file as u32,
                 chunk: chunk as u32,
+                dict,
             },
         )
         .await
@@ -55,24 +132,29 @@ pub(super) async fn fetch_chunk(
         };
         metrics::histogram!("ferry_seed_chunk_fetch_seconds").record(asked.elapsed().as_secs_f64());
         let wire_len = data.len() as u64;
-        let (m, path) = (
+        let (m, path, d) = (
             Arc::clone(manifest),
             staging.join(manifest.files[file].name.as_str()),
+            Arc::clone(dicts),
         );
         let verdict = tokio::task::spawn_blocking(move || {
-            verify_and_write(&m, file, chunk, codec, raw_len, data, &path)
+            let dict = dict.map(|_| &*d);
+            verify_and_write(&m, (file, chunk), (codec, raw_len, data), dict, &path)
         })
         .await
         .map_err(join_err)?;
         match verdict {
             Ok(raw) => {
+                if chunk == DICT_CHUNK as usize {
+                    dicts.landed(file);
+                }
                 return Ok(Done {
                     index: 0,
                     file,
                     raw,
                     wire: wire_len,
                     refetched,
-                })
+                });
             }
             Err(Fault::Io(e)) => return Err(e),
             Err(Fault::Mismatch(why)) => {
@@ -92,11 +174,9 @@ pub(super) async fn fetch_chunk(
 /// hash matches.
 pub(super) fn verify_and_write(
     m: &Manifest,
-    file: usize,
-    chunk: usize,
-    codec: Codec,
-    raw_len: u32,
-    data: Bytes,
+    (file, chunk): (usize, usize),
+    (codec, raw_len, data): (Codec, u32, Bytes),
+    dict: Option<&Dictionaries>,
     path: &Path,
 ) -> Result<u64, Fault> {
     use std::os::unix::fs::FileExt;
@@ -112,6 +192,18 @@ pub(super) fn verify_and_write(
             Ok(v) => Bytes::from(v),
             Err(_) => return Err(Fault::Mismatch("bad zstd data")),
         },
+        Codec::ZstdDict => {
+            let Some(dicts) = dict else {
+                return Err(Fault::Mismatch("a dictionary that was not offered"));
+            };
+            let d = dicts.decoder(m, file, path)?;
+            match zstd::bulk::Decompressor::with_prepared_dictionary(&d)
+                .and_then(|mut z| z.decompress(&data, expected))
+            {
+                Ok(v) => Bytes::from(v),
+                Err(_) => return Err(Fault::Mismatch("bad zstd data")),
+            }
+        }
     };
     if raw.len() != expected {
         return Err(Fault::Mismatch("wrong length"));
@@ -125,5 +217,13 @@ pub(super) fn verify_and_write(
         .map_err(|e| Fault::Io(io("open", path)(e)))?;
     f.write_all_at(&raw, start)
         .map_err(|e| Fault::Io(io("write", path)(e)))?;
+    // Start writing the chunk back now (Linux submits the dirty pages of
+    // the range without waiting, then drops them from the cache once
+    // clean), so the keeper's fsync and the last one before install find
+    // little left to do; without this the last second of data was written
+    // out only after the transfer. Advice only: an error changes nothing.
+    if let Some(len) = std::num::NonZeroU64::new(expected as u64) {
+        let _ = rustix::fs::fadvise(&f, start, Some(len), rustix::fs::Advice::DontNeed);
+    }
     Ok(expected as u64)
 }

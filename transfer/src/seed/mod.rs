@@ -43,6 +43,7 @@ use tokio::sync::mpsc;
 
 use crate::auth::ClientAuth;
 use crate::client::{Client, ConnectError};
+use crate::dict::{DictCache, DICT_CHUNK};
 use crate::endpoint::{client_endpoint, unspecified_for, EndpointError, TransportOptions};
 use crate::protocol::{Codec, Frame, Role};
 use crate::wire::{expect_frame, write_frame, WireError};
@@ -388,18 +389,32 @@ async fn seed_once(
         .await
         .map_err(join_err)??;
     let offsets = chunk_offsets(&manifest);
+    // Every file's first chunk goes first: it is the dictionary the leader
+    // may compress the file's other chunks against (crate::dict).
     let mut queue = VecDeque::new();
+    let mut rest = VecDeque::new();
     let mut reused_bytes = 0;
     for (fi, f) in manifest.files.iter().enumerate() {
         for c in 0..f.chunks.len() {
             if bits.get(offsets[fi] + c) {
                 let (s, e) = f.chunk_range(c, manifest.chunk_size);
                 reused_bytes += e - s;
-            } else {
+            } else if c == DICT_CHUNK as usize {
                 queue.push_back((fi, c));
+            } else {
+                rest.push_back((fi, c));
             }
         }
     }
+    queue.append(&mut rest);
+    let dicts = Arc::new(Dictionaries::new(
+        client.version >= 3,
+        manifest
+            .files
+            .iter()
+            .enumerate()
+            .map(|(fi, _)| bits.get(offsets[fi] + DICT_CHUNK as usize)),
+    ));
     let reused_chunks = bits.count();
     tally.resumed = carried;
     tally.reused.0 += local.0;
@@ -426,11 +441,12 @@ async fn seed_once(
     ));
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..cfg.parallel.max(1) {
-        let (queue, tx, manifest, conn) = (
+        let (queue, tx, manifest, conn, dicts) = (
             Arc::clone(&queue),
             tx.clone(),
             Arc::clone(&manifest),
             client.conn.clone(),
+            Arc::clone(&dicts),
         );
         let staging = staging.to_path_buf();
         let attempts = cfg.chunk_attempts.max(1);
@@ -441,7 +457,14 @@ async fn seed_once(
                     return Ok(());
                 };
                 let done = fetch_chunk(
-                    &conn, peer, session, &manifest, &staging, file, chunk, attempts,
+                    &conn,
+                    peer,
+                    session,
+                    &manifest,
+                    &staging,
+                    (file, chunk),
+                    &dicts,
+                    attempts,
                 )
                 .await?;
                 let index = chunk_offsets_one(&manifest, file) + chunk;
