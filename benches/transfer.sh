@@ -41,7 +41,7 @@ if [ ! -f "$DATA/CURRENT" ]; then
 fi
 
 PORT_FERRY=7471 PORT_RSYNC=7472 PORT_NC=7473 PORT_SSH=7474
-"$FERRY" serve --data "$DATA" --listen 127.0.0.1:$PORT_FERRY --log warn &
+"$FERRY" serve --data "$DATA" --listen 127.0.0.1:$PORT_FERRY --log "${FERRY_TRANSFER_LOG:-warn}" 2> "${FERRY_TRANSFER_LEADER_LOG:-/dev/stderr}" &
 LEADER=$!
 PIDS+=($LEADER)
 for _ in $(seq 100); do [ -f "$DATA/.ferry/tls/join-token" ] && break; sleep 0.1; done

@@ -134,6 +134,14 @@ pub struct LinkMeter {
     budget: AtomicUsize,
     /// Woken when a chunk leaves flight or the budget grows.
     freed: tokio::sync::Notify,
+    /// Requests waiting for the budget now.
+    waiting: AtomicUsize,
+    /// What the chunks encoded for the network since the last tick
+    /// carried and cost.
+    encoded: Mutex<Encoding>,
+    /// The fewest and most chunks in flight since the last tick.
+    low: AtomicUsize,
+    high: AtomicUsize,
     /// Chunks the peer has received in full.
     delivered_chunks: AtomicU64,
     /// Chunks in flight that were read in each mode (raw, compressed).
@@ -154,6 +162,10 @@ impl LinkMeter {
             in_flight: AtomicUsize::new(0),
             budget: AtomicUsize::new(budget.max(1)),
             freed: tokio::sync::Notify::new(),
+            waiting: AtomicUsize::new(0),
+            encoded: Mutex::default(),
+            low: AtomicUsize::new(0),
+            high: AtomicUsize::new(0),
             delivered_chunks: AtomicU64::new(0),
             in_flight_mode: Default::default(),
             idle_seen: AtomicBool::new(false),
@@ -177,10 +189,12 @@ impl LinkMeter {
                     .compare_exchange(now, now + 1, Ordering::Relaxed, Ordering::Relaxed)
                     .is_ok()
                 {
+                    self.high.fetch_max(now + 1, Ordering::Relaxed);
                     return;
                 }
                 continue;
             }
+            let _waiting = Waiting::new(&self.waiting);
             freed.await;
         }
     }
@@ -196,16 +210,36 @@ impl LinkMeter {
         self.in_flight_mode[usize::from(compressed)].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn end(&self, raw: u64, compressed: bool) {
-        self.delivered.fetch_add(raw, Ordering::Relaxed);
-        if raw > 0 {
+    fn end(&self, served: Served, compressed: bool) {
+        self.delivered
+            .fetch_add(served.delivered, Ordering::Relaxed);
+        if served.delivered > 0 {
             self.delivered_chunks.fetch_add(1, Ordering::Relaxed);
         }
+        if compressed {
+            let mut e = self.encoded.lock();
+            e.raw += served.raw;
+            e.wire += served.wire;
+            e.cpu_secs += served.cpu_secs;
+        }
         self.in_flight_mode[usize::from(compressed)].fetch_sub(1, Ordering::Relaxed);
-        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+        let left = self.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.low.fetch_min(left, Ordering::Relaxed);
+        if left == 0 {
             self.idle_seen.store(true, Ordering::Relaxed);
         }
         self.freed.notify_waiters();
+    }
+
+    /// Whether the sender was saturated since the last call: requests are
+    /// waiting for the budget, or the chunks in flight never fell below
+    /// half their peak (the follower asks again as soon as a chunk lands,
+    /// so it is waiting on the link, not on its own disk or cores).
+    fn saturated(&self) -> bool {
+        let now = self.in_flight.load(Ordering::Relaxed);
+        let low = self.low.swap(now, Ordering::Relaxed);
+        let high = self.high.swap(now, Ordering::Relaxed);
+        self.waiting.load(Ordering::Relaxed) > 0 || (low >= 1 && low * 2 >= high)
     }
 
     /// Whether chunks were in flight for the whole time since the last call.
@@ -224,20 +258,80 @@ impl LinkMeter {
     }
 }
 
-/// Finds out, per connection, whether compressing at [`NET_LEVEL`] pays:
-/// it measures the raw bytes delivered per second with and without it,
-/// while the sender is busy, keeps the faster mode, and measures again
-/// every [`Prober::HOLD`] ticks. Compression is not even tried when the
-/// raw rate is above what the cores could compress (loopback, fast links:
-/// the CPU is the bottleneck there, and a trial would only cost time).
+/// Raw bytes, bytes sent and CPU seconds of chunks encoded for the network.
+#[derive(Debug, Default, Clone, Copy)]
+struct Encoding {
+    raw: u64,
+    wire: u64,
+    cpu_secs: f64,
+}
+
+impl std::ops::AddAssign for Encoding {
+    fn add_assign(&mut self, o: Self) {
+        self.raw += o.raw;
+        self.wire += o.wire;
+        self.cpu_secs += o.cpu_secs;
+    }
+}
+
+/// One tick's look at a connection's [`LinkMeter`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    /// Raw bytes the peer received in full.
+    delivered: u64,
+    /// Chunks were in flight all along.
+    busy: bool,
+    /// As [`LinkMeter::saturated`].
+    saturated: bool,
+    /// Chunks of the other mode than the current one are still arriving.
+    stale: bool,
+    /// The chunks encoded for the network that landed.
+    encoded: Encoding,
+}
+
+/// Counts a waiter for as long as it waits (also when its future is
+/// dropped mid-wait).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Finds out, per connection, whether compressing for the network pays.
+///
+/// It measures the raw bytes delivered per second without compression
+/// while the sender is saturated. Where that is below what the cores could
+/// compress and the network is the bottleneck (see [`Prober::tick`]), it
+/// compresses, and measures again. It keeps compressing when that delivers
+/// 10 % more, or when what the compressed chunks showed (their ratio, and
+/// the CPU time they took) predicts 10 % more and the measured rate is not
+/// more than 10 % worse: on a seed of a few seconds, the compressed
+/// phase's 0.6 s also pays the first dictionary trials, and one sample of
+/// it is noisy. Then it holds the verdict for [`Prober::HOLD`] ticks and
+/// measures again.
 #[derive(Debug)]
 struct Prober {
     /// Raw bytes per second above which compression cannot pay.
     cap: f64,
+    /// The cores' compression capacity that the model may use.
+    cores: f64,
     phase: Phase,
     /// Busy ticks into the phase, and the raw bytes counted in it.
     ticks: u32,
     bytes: u64,
+    /// Measured ticks in which the sender was saturated.
+    saturated: u32,
+    /// The chunks encoded for the network in the measured ticks.
+    encoded: Encoding,
     raw_rate: f64,
 }
 
@@ -254,35 +348,45 @@ enum Phase {
 impl Prober {
     /// Ticks (of [`PROBE_TICK`]) to skip at a phase's start, once the
     /// previous mode's chunks have all arrived, then to measure.
-    const SKIP: u32 = 1;
+    const SKIP: u32 = 2;
     const MEASURE: u32 = 4;
     const HOLD: u32 = 300;
 
     fn new(cores: u64) -> Self {
         Self {
             cap: cores as f64 * NET_LEVEL_SPEED / NET_MARGIN,
+            cores: cores as f64 / NET_MARGIN,
             phase: Phase::Raw,
             ticks: 0,
             bytes: 0,
+            saturated: 0,
+            encoded: Encoding::default(),
             raw_rate: 0.0,
         }
     }
 
     /// A prober for a link whose verdict is already known (from the same
-    /// host's last connection): it holds that mode, then measures again
-    /// as usual.
-    fn resume(cores: u64, raw_rate: f64) -> Self {
+    /// host's last connection, `age` ago): it holds that mode for the rest
+    /// of the verdict's hold, then measures again as usual.
+    fn resume(cores: u64, raw_rate: f64, age: Duration) -> Self {
+        let held = (age.as_millis() / PROBE_TICK.as_millis()).min(u128::from(Self::HOLD)) as u32;
         Self {
             phase: Phase::Hold,
+            ticks: held,
             raw_rate,
             ..Self::new(cores)
         }
     }
 
-    /// One tick: `delivered` raw bytes arrived, `busy` if chunks were in
-    /// flight all along, `stale` if chunks of the previous mode are still
-    /// arriving. Returns whether to compress from now on.
-    fn tick(&mut self, delivered: u64, busy: bool, stale: bool, compressing: bool) -> bool {
+    /// One tick. Returns whether to compress from now on.
+    ///
+    /// Compression is tried only where the network is the bottleneck: the
+    /// raw rate is below the cap *and* the sender was saturated in at least
+    /// half the measured ticks. On loopback the follower's disk or cores
+    /// are the bottleneck: the chunks in flight swing between 0 and a
+    /// dozen as it catches up, and its raw rate, 150 to 400 MB/s in 100 ms
+    /// samples, can dip below the cap.
+    fn tick(&mut self, sample: Sample, compressing: bool) -> bool {
         let secs = PROBE_TICK.as_secs_f64();
         if self.phase == Phase::Hold {
             self.ticks += 1;
@@ -292,24 +396,27 @@ impl Prober {
             }
             return compressing;
         }
-        if !busy || stale {
+        if !sample.busy || sample.stale {
             // An idle sender says nothing about the link, and chunks of the
             // other mode say nothing about this one: start the phase over.
-            self.ticks = 0;
-            self.bytes = 0;
+            let phase = self.phase;
+            self.start(phase);
             return compressing;
         }
         self.ticks += 1;
         if self.ticks > Self::SKIP {
-            self.bytes += delivered;
+            self.bytes += sample.delivered;
+            self.saturated += u32::from(sample.saturated);
+            self.encoded += sample.encoded;
         }
         if self.ticks < Self::SKIP + Self::MEASURE {
             return compressing;
         }
         let rate = self.bytes as f64 / (f64::from(Self::MEASURE) * secs);
-        tracing::debug!(phase = ?self.phase, rate = rate as u64, raw_rate = self.raw_rate as u64, "link measured");
+        let network_bound = rate < self.cap && self.saturated * 2 >= Self::MEASURE;
+        tracing::debug!(phase = ?self.phase, rate = rate as u64, raw_rate = self.raw_rate as u64, saturated = self.saturated, "link measured");
         match self.phase {
-            Phase::Raw if rate < self.cap => {
+            Phase::Raw if network_bound => {
                 self.raw_rate = rate;
                 self.start(Phase::Compressed);
                 true
@@ -319,7 +426,18 @@ impl Prober {
                 false
             }
             Phase::Compressed => {
-                let better = rate > self.raw_rate * 1.1;
+                let e = self.encoded;
+                let ratio = e.raw as f64 / e.wire.max(1) as f64;
+                let speed = e.raw as f64 / e.cpu_secs.max(1e-6);
+                let predicted = (self.raw_rate * ratio).min(speed * self.cores);
+                tracing::debug!(
+                    ratio,
+                    speed = speed as u64,
+                    predicted = predicted as u64,
+                    "compressed chunks"
+                );
+                let better = rate > self.raw_rate * 1.1
+                    || (e.raw > 0 && predicted > self.raw_rate * 1.1 && rate > self.raw_rate * 0.9);
                 self.start(Phase::Hold);
                 better
             }
@@ -331,6 +449,8 @@ impl Prober {
         self.phase = phase;
         self.ticks = 0;
         self.bytes = 0;
+        self.saturated = 0;
+        self.encoded = Encoding::default();
     }
 }
 
@@ -459,9 +579,10 @@ pub struct Server {
 }
 
 /// What the leader learned about its recent peers' links, by host: a new
-/// connection from the same host (a reconnect after a blackout, the next
-/// seed) starts in the mode the last one chose instead of measuring from
-/// raw again, which costs a second of a 1 Gbit/s link.
+/// connection from the same host within the verdict's hold (a reconnect
+/// after a blackout, the next seed) starts in the mode the last one chose
+/// instead of measuring from raw again, which costs most of a second of a
+/// 1 Gbit/s link.
 #[derive(Debug, Default)]
 struct LinkMemory {
     by_host: Mutex<HashMap<IpAddr, Verdict>>,
@@ -475,8 +596,9 @@ struct Verdict {
 }
 
 impl LinkMemory {
-    /// How long a verdict is trusted.
-    const TTL: Duration = Duration::from_secs(600);
+    /// How long a verdict is trusted: as long as a connection holds one.
+    const TTL: Duration =
+        Duration::from_millis(PROBE_TICK.as_millis() as u64 * Prober::HOLD as u64);
     /// The most hosts remembered.
     const MAX: usize = 1024;
 
@@ -816,7 +938,7 @@ impl Server {
                     tracing::debug!(peer = %addr, compress = v.compress, raw_rate = v.raw_rate as u64, "starting from this host's last link verdict");
                     link.raw_rate.store(v.raw_rate as u64, Ordering::Relaxed);
                     link.compress.store(v.compress, Ordering::Relaxed);
-                    Prober::resume(cores, v.raw_rate)
+                    Prober::resume(cores, v.raw_rate, v.at.elapsed())
                 }
                 None => Prober::new(cores),
             };
@@ -830,12 +952,20 @@ impl Server {
                     let was = link.compressing();
                     let busy = link.busy();
                     let measuring = p.phase != Phase::Hold;
-                    let next = p.tick(now - last, busy, link.stale(was), was);
+                    let sample = Sample {
+                        delivered: now - last,
+                        busy,
+                        saturated: link.saturated(),
+                        stale: link.stale(was),
+                        encoded: std::mem::take(&mut *link.encoded.lock()),
+                    };
+                    let next = p.tick(sample, was);
                     if measuring && p.phase == Phase::Hold {
                         this.links.remember(addr.ip(), next, p.raw_rate);
                     }
                     rates.pop_front();
                     rates.push_back((now - last) as f64 / PROBE_TICK.as_secs_f64());
+                    tracing::trace!(peer = %addr, delivered = now - last, busy, compressing = next, in_flight = link.in_flight.load(Ordering::Relaxed), budget = link.budget.load(Ordering::Relaxed), "link tick");
                     last = now;
                     if busy {
                         let chunks = link.delivered_chunks.load(Ordering::Relaxed).max(1);
@@ -892,8 +1022,8 @@ impl Server {
                             dict,
                         });
                         link.begin(mode);
-                        let raw = this.serve_chunk(cp, file, chunk, send, network).await;
-                        link.end(raw, mode);
+                        let served = this.serve_chunk(cp, file, chunk, send, network).await;
+                        link.end(served, mode);
                     }
                     other => {
                         let handler = this.streams.lock().clone();
@@ -1086,7 +1216,7 @@ impl Server {
         chunk: u32,
         mut send: SendStream,
         network: Option<NetworkBound>,
-    ) -> u64 {
+    ) -> Served {
         let Some(cp) = cp else {
             send_error(
                 &mut send,
@@ -1094,7 +1224,7 @@ impl Server {
                 "no such seed session on this connection",
             )
             .await;
-            return 0;
+            return Served::default();
         };
         let compression = self.opts.compression;
         let read = tokio::task::spawn_blocking(move || {
@@ -1102,16 +1232,27 @@ impl Server {
         })
         .await;
         #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
-        let (codec, raw_len, mut data) = match read {
+        let Encoded {
+            codec,
+            raw_len,
+            mut data,
+            cpu_secs,
+        } = match read {
             Ok(Ok(r)) => r,
             Ok(Err((code, msg))) => {
                 send_error(&mut send, code, msg).await;
-                return 0;
+                return Served::default();
             }
             Err(e) => {
                 send_error(&mut send, ErrorCode::Internal, e.to_string()).await;
-                return 0;
+                return Served::default();
             }
+        };
+        let mut served = Served {
+            delivered: 0,
+            raw: u64::from(raw_len),
+            wire: data.len() as u64,
+            cpu_secs,
         };
         #[cfg(feature = "faults")]
         if self
@@ -1154,10 +1295,10 @@ impl Server {
             // Until the peer has the whole chunk, its bytes are queued on
             // this connection: the link meter counts the sender as busy.
             if send.stopped().await.is_ok() {
-                return u64::from(raw_len);
+                served.delivered = u64::from(raw_len);
             }
         }
-        0
+        served
     }
 }
 
@@ -1189,6 +1330,23 @@ pub struct SeedCheckpoint {
 
 impl SeedCheckpoint {
     fn read_chunk(
+        &self,
+        file: usize,
+        chunk: usize,
+        compression: Compression,
+        network: Option<NetworkBound>,
+    ) -> Result<Encoded, (ErrorCode, String)> {
+        let started = thread_cpu_secs();
+        let (codec, raw_len, data) = self.encode_chunk(file, chunk, compression, network)?;
+        Ok(Encoded {
+            codec,
+            raw_len,
+            data,
+            cpu_secs: thread_cpu_secs() - started,
+        })
+    }
+
+    fn encode_chunk(
         &self,
         file: usize,
         chunk: usize,
@@ -1343,6 +1501,24 @@ impl SeedCheckpoint {
 fn thread_cpu_secs() -> f64 {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// A chunk read and encoded for sending, and the CPU time that took.
+struct Encoded {
+    codec: Codec,
+    raw_len: u32,
+    data: Bytes,
+    cpu_secs: f64,
+}
+
+/// What a served chunk cost and carried, for the [`LinkMeter`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Served {
+    /// Raw bytes the peer received (0 if it did not get the chunk).
+    delivered: u64,
+    raw: u64,
+    wire: u64,
+    cpu_secs: f64,
 }
 
 /// What a chunk request's connection knows when the network is its
@@ -1670,7 +1846,13 @@ mod tests {
         let mut mode = false;
         (0..ticks)
             .map(|_| {
-                mode = p.tick(if mode { compressed } else { raw }, true, false, mode);
+                let sample = Sample {
+                    delivered: if mode { compressed } else { raw },
+                    busy: true,
+                    saturated: true,
+                    ..Sample::default()
+                };
+                mode = p.tick(sample, mode);
                 mode
             })
             .collect()
@@ -1691,6 +1873,20 @@ mod tests {
         // Loopback at 1.2 GB/s: above what two cores compress, never tried.
         let mut p = Prober::new(2);
         assert!(probe(&mut p, 3 * n, 120_000_000, 0).iter().all(|m| !m));
+        // Loopback with a slow disk, at 15 MB per tick: below the cap, but
+        // the sender is not saturated, so the network is not the
+        // bottleneck and compression is not tried.
+        let mut p = Prober::new(2);
+        let mut mode = false;
+        for _ in 0..3 * n {
+            let sample = Sample {
+                delivered: 15_000_000,
+                busy: true,
+                ..Sample::default()
+            };
+            mode = p.tick(sample, mode);
+            assert!(!mode);
+        }
         // Measured again after the hold.
         let mut p = Prober::new(2);
         let modes = probe(
@@ -1714,14 +1910,18 @@ mod tests {
         let v = memory.recall(host).expect("remembered");
         assert!(v.compress && v.raw_rate == 11.9e6);
         assert!(memory.recall(other).is_none());
-        let mut p = Prober::resume(2, v.raw_rate);
-        for _ in 1..Prober::HOLD {
-            assert!(p.tick(30_000_000, true, false, true), "held");
+        // A verdict 10 s old is held for the remaining 20 s.
+        let mut p = Prober::resume(2, v.raw_rate, Duration::from_secs(10));
+        let sample = Sample {
+            delivered: 30_000_000,
+            busy: true,
+            saturated: true,
+            ..Sample::default()
+        };
+        for _ in 101..Prober::HOLD {
+            assert!(p.tick(sample, true), "held");
         }
-        assert!(
-            !p.tick(30_000_000, true, false, true),
-            "then measured again, from raw"
-        );
+        assert!(!p.tick(sample, true), "then measured again, from raw");
         assert_eq!(p.phase, Phase::Raw);
     }
 
@@ -1742,6 +1942,54 @@ mod tests {
         assert_eq!(in_flight_budget(0.0, ms(1), 2.0 * mib, 4), 4);
     }
 
+    /// A served chunk that landed.
+    fn landed() -> Served {
+        Served {
+            delivered: 1,
+            raw: 1,
+            wire: 1,
+            cpu_secs: 0.0,
+        }
+    }
+
+    #[test]
+    fn a_trial_is_kept_on_what_its_chunks_predict_unless_the_rate_fell() {
+        let n = (Prober::SKIP + Prober::MEASURE) as usize;
+        let run = |compressed_rate: u64, encoded: Encoding| {
+            let mut p = Prober::new(2);
+            let mut mode = false;
+            for _ in 0..2 * n {
+                let sample = Sample {
+                    delivered: if mode { compressed_rate } else { 11_900_000 },
+                    busy: true,
+                    saturated: true,
+                    stale: false,
+                    encoded: if mode { encoded } else { Encoding::default() },
+                };
+                mode = p.tick(sample, mode);
+            }
+            mode
+        };
+        // A 1 Gbit/s link; the trial's first chunks also paid dictionary
+        // trials, so the measured rate only matched raw, but the chunks
+        // shrank 7x at 250 MB/s a core: kept.
+        let db_bench = Encoding {
+            raw: 25_000_000,
+            wire: 3_500_000,
+            cpu_secs: 0.1,
+        };
+        assert!(run(12_500_000, db_bench));
+        // The same prediction with the measured rate 20 % down: dropped.
+        assert!(!run(9_500_000, db_bench));
+        // Incompressible chunks predict nothing better: dropped.
+        let random = Encoding {
+            raw: 25_000_000,
+            wire: 25_000_000,
+            cpu_secs: 0.02,
+        };
+        assert!(!run(12_500_000, random));
+    }
+
     #[tokio::test]
     async fn admission_waits_for_the_budget() {
         let link = Arc::new(LinkMeter::new(2));
@@ -1754,7 +2002,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished(), "a third chunk waits");
         link.begin(false);
-        link.end(1, false);
+        link.end(landed(), false);
         tokio::time::timeout(Duration::from_secs(1), third)
             .await
             .expect("admitted once one left")
@@ -1773,11 +2021,35 @@ mod tests {
             .unwrap();
     }
 
+    #[tokio::test]
+    async fn a_sender_is_saturated_while_its_chunks_in_flight_hold_steady() {
+        let link = LinkMeter::new(4);
+        for _ in 0..4 {
+            link.admit().await;
+            link.begin(false);
+        }
+        link.saturated(); // starts the window at 4 in flight
+                          // A network-bound peer: each chunk that lands is asked for again.
+        for _ in 0..10 {
+            link.end(landed(), false);
+            link.admit().await;
+            link.begin(false);
+        }
+        assert!(link.saturated());
+        // A peer busy with its own disk: the chunks in flight drain.
+        for _ in 0..3 {
+            link.end(landed(), false);
+        }
+        link.admit().await;
+        link.begin(false);
+        assert!(!link.saturated());
+    }
+
     #[test]
     fn an_idle_sender_teaches_the_prober_nothing() {
         let mut p = Prober::new(2);
         for _ in 0..100 {
-            assert!(!p.tick(0, false, false, false));
+            assert!(!p.tick(Sample::default(), false));
         }
         assert_eq!(p.phase, Phase::Raw);
     }
