@@ -30,4 +30,4 @@ pub use auth::{ClientAuth, JoinToken, NodeAuth};
 pub use endpoint::{Congestion, TransportOptions};
 pub use leader::{Compression, ServeOptions, Server};
 pub use quinn;
-pub use seed::{seed, Progress, SeedConfig, SeedError, SeedReport};
+pub use seed::{seed, Phases, Progress, SeedConfig, SeedError, SeedReport};

@@ -269,6 +269,28 @@ pub struct SeedReport {
     pub chunks_refetched: usize,
     pub reconnects: u32,
     pub elapsed_secs: f64,
+    /// Where the last attempt's time went.
+    pub phases: Phases,
+}
+
+/// Seconds of the last attempt, phase by phase, in order.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Phases {
+    /// QUIC handshake and `Hello`/`Welcome`.
+    pub connect: f64,
+    /// Asking for the manifest, receiving and checking it.
+    pub manifest: f64,
+    /// Reconciling the staging directory (resume, reuse) and reserving
+    /// its space.
+    pub staging: f64,
+    /// Fetching, verifying and writing the missing chunks.
+    pub transfer: f64,
+    /// The last fsync of the written files and bitmap.
+    pub sync: f64,
+    /// Moving the files into place, with their fsyncs.
+    pub install: f64,
+    /// Telling the leader and closing the connection.
+    pub close: f64,
 }
 
 /// Seeds `cfg.data_dir` from `cfg.leader`; resumes an interrupted seed.
@@ -298,6 +320,7 @@ pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
             bytes_reused: 0,
             chunks_refetched: 0,
             reconnects: 0,
+            phases: Phases::default(),
             elapsed_secs: started.elapsed().as_secs_f64(),
         });
     }
@@ -352,6 +375,12 @@ async fn seed_once(
 ) -> Result<SeedReport, SeedError> {
     let peer = cfg.leader;
     let wire = |source| SeedError::Wire { peer, source };
+    let mut phases = Phases::default();
+    let mut lap = Instant::now();
+    let mut mark = |phase: &mut f64| {
+        *phase = lap.elapsed().as_secs_f64();
+        lap = Instant::now();
+    };
     let mut client = Client::connect(
         endpoint,
         peer,
@@ -361,6 +390,7 @@ async fn seed_once(
         cfg.role,
     )
     .await?;
+    mark(&mut phases.connect);
     let (session, manifest) = match client
         .request(&Frame::ManifestRequest)
         .await
@@ -383,11 +413,13 @@ async fn seed_once(
             });
         }
     }
+    mark(&mut phases.manifest);
     let staging2 = staging.to_path_buf();
     let m2 = Arc::clone(&manifest);
     let (bits, carried, local) = tokio::task::spawn_blocking(move || reconcile(&staging2, &m2))
         .await
         .map_err(join_err)??;
+    mark(&mut phases.staging);
     let offsets = chunk_offsets(&manifest);
     // Every file's first chunk goes first: it is the dictionary the leader
     // may compress the file's other chunks against (crate::dict).
@@ -489,8 +521,10 @@ async fn seed_once(
             }
         }
     }
+    mark(&mut phases.transfer);
     // The keeper persists whatever was verified, even on failure.
     let (bits, fetched) = keeper.await.map_err(join_err)??;
+    mark(&mut phases.sync);
     tally.chunks_fetched += fetched.chunks;
     tally.bytes_fetched += fetched.raw;
     tally.wire_bytes += fetched.wire;
@@ -513,6 +547,7 @@ async fn seed_once(
     })
     .await
     .map_err(join_err)??;
+    mark(&mut phases.install);
 
     let stats = client.conn.stats();
     tracing::debug!(
@@ -536,6 +571,7 @@ async fn seed_once(
         other => tracing::debug!(?other, "no SeedDone acknowledgement"),
     }
     client.close().await;
+    mark(&mut phases.close);
     Ok(SeedReport {
         seq,
         manifest_id: manifest.id().to_string(),
@@ -552,6 +588,7 @@ async fn seed_once(
         chunks_refetched: tally.refetched,
         reconnects: tally.reconnects,
         elapsed_secs: started.elapsed().as_secs_f64(),
+        phases,
     })
 }
 
