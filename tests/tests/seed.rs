@@ -115,6 +115,23 @@ impl SnapshotSource for PaddedSource {
     }
 }
 
+/// A QUIC connection to the leader with the token's credentials, before
+/// any frame: for tests that speak the protocol by hand.
+async fn raw_connection(
+    endpoint: &ferry_transfer::quinn::Endpoint,
+    leader: &TestLeader,
+) -> Result<ferry_transfer::quinn::Connection, ferry_transfer::quinn::ConnectionError> {
+    let cfg = ferry_transfer::endpoint::client_config(
+        &ClientAuth::from_token(&leader.token),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    endpoint
+        .connect_with(cfg, leader.addr, "ferry")
+        .unwrap()
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boundary_file_sizes_arrive_intact() {
     let c = u64::from(CHUNK);
@@ -373,16 +390,7 @@ async fn peers_without_the_right_credential_get_no_data() {
     );
 
     // A client that skips Hello and asks for the manifest right away.
-    let cfg = ferry_transfer::endpoint::client_config(
-        &ClientAuth::from_token(&leader.token),
-        &TransportOptions::default(),
-    )
-    .unwrap();
-    let conn = endpoint
-        .connect_with(cfg, leader.addr, "ferry")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = raw_connection(&endpoint, &leader).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     ferry_transfer::wire::write_frame(&mut send, &Frame::ManifestRequest)
         .await
@@ -554,16 +562,7 @@ async fn an_oversize_frame_is_refused_without_allocating_it() {
         &TransportOptions::default(),
     )
     .unwrap();
-    let cfg = ferry_transfer::endpoint::client_config(
-        &ClientAuth::from_token(&leader.token),
-        &TransportOptions::default(),
-    )
-    .unwrap();
-    let conn = endpoint
-        .connect_with(cfg, leader.addr, "ferry")
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = raw_connection(&endpoint, &leader).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // A Hello that claims to be 4 GiB long. (The leader gives a Hello 10 s;
     // refusing it must take far less.)
@@ -581,19 +580,7 @@ async fn an_oversize_frame_is_refused_without_allocating_it() {
     // As a first frame, a 60 MiB frame of a type whose own bound allows it
     // (a manifest reply): before authentication only a Hello-sized frame is
     // read, so it is refused from its header, not awaited.
-    let conn = endpoint
-        .connect_with(
-            ferry_transfer::endpoint::client_config(
-                &ClientAuth::from_token(&leader.token),
-                &TransportOptions::default(),
-            )
-            .unwrap(),
-            leader.addr,
-            "ferry",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = raw_connection(&endpoint, &leader).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut header = (60u32 << 20).to_le_bytes().to_vec();
     header.push(5);
@@ -628,13 +615,7 @@ async fn the_protocol_version_is_negotiated_down_to_the_lower() {
         (ours, Some(ours)),
         (ours + 1, Some(ours)),
     ] {
-        let cfg =
-            ferry_transfer::endpoint::client_config(&auth, &TransportOptions::default()).unwrap();
-        let conn = endpoint
-            .connect_with(cfg, leader.addr, "ferry")
-            .unwrap()
-            .await
-            .unwrap();
+        let conn = raw_connection(&endpoint, &leader).await.unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         let exported = ferry_transfer::auth::exported_keying_material(&conn).unwrap();
         let hello = Frame::Hello {
@@ -786,17 +767,7 @@ async fn unauthenticated_connections_are_capped_and_do_not_lock_out_real_peers()
         &TransportOptions::default(),
     )
     .unwrap();
-    let connect = || async {
-        let cfg = ferry_transfer::endpoint::client_config(
-            &ClientAuth::from_token(&leader.token),
-            &TransportOptions::default(),
-        )
-        .unwrap();
-        endpoint
-            .connect_with(cfg, leader.addr, "ferry")
-            .unwrap()
-            .await
-    };
+    let connect = || raw_connection(&endpoint, &leader);
     // Three peers that finish TLS and never say Hello hold every slot ...
     let mut idle = Vec::new();
     for _ in 0..3 {
