@@ -111,6 +111,7 @@ timed() { # key command...
   got=$(du -sb --apparent-size --exclude=.ferry "$WORK/dst" | cut -f1)
   [ "$got" -ge "$BYTES" ] || { echo "$key copied $got of $BYTES bytes" >&2; exit 1; }
   TIMES[$key]+="$(echo "$t1 - $t0" | bc) "
+  [ "$key" = ferry ] && cp "$WORK/last.out" "$WORK/ferry-$(echo "${TIMES[$key]}" | wc -w).json"
   WIRE[$key]+="$((b1 - b0)) "
   printf '%-12s %6.2fs\n' "$key" "$(echo "$t1 - $t0" | bc)" >&2
 }
@@ -136,3 +137,13 @@ for m in "${METHODS[@]}"; do
     "$(echo "$BYTES/1000000/$med" | bc -l)" "$(echo "$BYTES*8/$med/$bits" | bc -l)" "$(echo "$wire/1000000" | bc -l)" \
     "$(echo "$BYTES/$wire" | bc -l)" "$(echo "$z/$med" | bc -l)" "$runs"
 done
+# Where ferry's seconds went (the seed report's phases), median per phase;
+# the rest of the command's time is process start and exit.
+python3 - "$WORK" <<'PY'
+import glob, json, statistics, sys
+runs = [json.load(open(f))["phases"] for f in sorted(glob.glob(sys.argv[1] + "/ferry-*.json"))]
+if runs:
+    keys = ["connect", "manifest", "staging", "transfer", "sync", "install", "close"]
+    print()
+    print("ferry seed phases, median s: " + ", ".join(f"{k} {statistics.median(r[k] for r in runs):.3f}" for k in keys))
+PY
