@@ -341,7 +341,10 @@ pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
         }
     };
     endpoint.close(0u32.into(), b"bye");
-    endpoint.wait_idle().await;
+    // Long enough for the close to go out; the full draining period (three
+    // probe timeouts, about 0.1 s even on loopback) only absorbs stray
+    // packets, and the seed is installed by now.
+    let _ = tokio::time::timeout(Duration::from_millis(20), endpoint.wait_idle()).await;
     result
 }
 
