@@ -222,8 +222,8 @@ impl LinkMeter {
     /// Whether the sender was saturated over a tick in which the chunks in
     /// flight were `samples`: requests are waiting for the budget, or the
     /// chunks in flight held steady, on average at least 3/4 of their peak
-    /// (the follower asks again as soon as a chunk lands, so it waits on the
-    /// link, not on its own disk or cores, which let them drain).
+    /// (the follower asks again as soon as a chunk lands; one that is slow
+    /// to ask lets them drain).
     fn saturated(&self, samples: &[usize]) -> bool {
         let peak = samples.iter().copied().max().unwrap_or(0);
         let sum: usize = samples.iter().sum();
@@ -369,12 +369,12 @@ impl Prober {
 
     /// One tick. Returns whether to compress from now on.
     ///
-    /// Compression is tried only where the network is the bottleneck: the
-    /// raw rate is below the cap *and* the sender was saturated in at least
-    /// half the measured ticks. On loopback the follower's disk or cores
-    /// are the bottleneck: the chunks in flight swing between 0 and a
-    /// dozen as it catches up, and its raw rate, 150 to 400 MB/s in 100 ms
-    /// samples, can dip below the cap.
+    /// Compression is tried only where the network may be the bottleneck:
+    /// the raw rate is below the cap *and* the sender was saturated in at
+    /// least half the measured ticks (a follower that is slow to ask says
+    /// nothing about the link). Saturation does not tell loopback from a
+    /// link (a default follower's requests sit at the leader in both); the
+    /// cap does, and the trial's rule guards the rest.
     fn tick(&mut self, sample: Sample, compressing: bool) -> bool {
         let secs = PROBE_TICK.as_secs_f64();
         if self.phase == Phase::Hold {
@@ -2012,8 +2012,8 @@ mod tests {
         // A network-bound follower: each chunk that lands is asked for
         // again at once (the trace of a 1 Gbit/s link).
         assert!(link.saturated(&[16, 16, 15, 16, 16, 16, 14, 16, 16, 16]));
-        // A follower busy with its own disk (a loopback trace): the chunks
-        // in flight drain and refill.
+        // A follower slow to ask (a trace from an early loopback build):
+        // the chunks in flight drain and refill.
         assert!(!link.saturated(&[7, 3, 3, 10, 11, 6, 11, 4, 10, 2]));
         assert!(!link.saturated(&[0; 10]));
     }
