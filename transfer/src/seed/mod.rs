@@ -629,6 +629,68 @@ mod tests {
     }
 
     #[test]
+    fn a_dictionary_chunk_that_no_longer_verifies_is_never_used() {
+        // A file of two 64 KiB chunks; the second repeats the first, so it
+        // compresses to almost nothing against it.
+        let chunk: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let body = [chunk.clone(), chunk.clone()].concat();
+        let hashes: Vec<[u8; 32]> = (0..2)
+            .map(|i| {
+                chunk_hash(
+                    body.len() as u64,
+                    1 << 16,
+                    i,
+                    &body[i * 65536..(i + 1) * 65536],
+                )
+            })
+            .collect();
+        let m = manifest(&[("000001.sst", hashes)]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("000001.sst");
+        let enc = zstd::dict::EncoderDictionary::copy(&chunk, 3);
+        let packed = zstd::bulk::Compressor::with_prepared_dictionary(&enc)
+            .unwrap()
+            .compress(&chunk)
+            .unwrap();
+        let reply = || (Codec::ZstdDict, 65536u32, Bytes::from(packed.clone()));
+
+        // The staged first chunk has rotted since it was verified.
+        let mut staged = vec![0u8; body.len()];
+        staged[..65536].copy_from_slice(&chunk);
+        staged[100] ^= 1;
+        std::fs::write(&path, &staged).unwrap();
+        let dicts = Dictionaries::new(true, [true].into_iter());
+        // It is caught as such, before decoding: not only by the chunk's
+        // own hash after.
+        let r = verify_and_write(&m, (0, 1), reply(), Some(&dicts), &path);
+        assert!(matches!(
+            r,
+            Err(Fault::Mismatch("the dictionary chunk no longer verifies"))
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), staged, "nothing written");
+
+        // A reply in the dictionary codec to a request that offered none.
+        let r = verify_and_write(&m, (0, 1), reply(), None, &path);
+        assert!(matches!(
+            r,
+            Err(Fault::Mismatch("a dictionary that was not offered"))
+        ));
+
+        // With the first chunk sound, the same reply decodes, verifies and
+        // is written.
+        staged[100] ^= 1;
+        std::fs::write(&path, &staged).unwrap();
+        let dicts = Dictionaries::new(true, [true].into_iter());
+        assert_eq!(
+            verify_and_write(&m, (0, 1), reply(), Some(&dicts), &path).ok(),
+            Some(65536)
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), body);
+    }
+
+    #[test]
     fn node_ids_fit_and_never_split_a_character() {
         let long = "ñ".repeat(60);
         let id = node_id_from(&long, 123456);
