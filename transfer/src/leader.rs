@@ -207,10 +207,7 @@ impl LinkMeter {
             self.delivered_chunks.fetch_add(1, Ordering::Relaxed);
         }
         if compressed {
-            let mut e = self.encoded.lock();
-            e.raw += served.raw;
-            e.wire += served.wire;
-            e.cpu_secs += served.cpu_secs;
+            *self.encoded.lock() += served.encoding;
         }
         self.in_flight_mode[usize::from(compressed)].fetch_sub(1, Ordering::Relaxed);
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -446,8 +443,6 @@ impl Prober {
 /// How often a connection's [`Prober`] looks at its [`LinkMeter`].
 const PROBE_TICK: Duration = Duration::from_millis(100);
 
-/// The chunks a connection may have in flight before its rate is known.
-const FIRST_BUDGET: usize = 16;
 /// The fewest chunks a connection may have in flight: what a follower asks
 /// for at once by default (`ferry seed --parallel`). Fewer starved lossy
 /// long paths, where a chunk waits for its retransmissions: with a floor
@@ -920,7 +915,7 @@ impl Server {
         };
         // Whether compression pays on this connection, found by trying.
         let max_in_flight = self.opts.max_chunks_in_flight;
-        let link = Arc::new(LinkMeter::new(FIRST_BUDGET.min(max_in_flight)));
+        let link = Arc::new(LinkMeter::new(MIN_BUDGET.min(max_in_flight)));
         let _prober = {
             let (link, addr, conn, this) =
                 (Arc::clone(&link), addr, conn.clone(), Arc::clone(&self));
@@ -1241,9 +1236,11 @@ impl Server {
         };
         let mut served = Served {
             delivered: 0,
-            raw: u64::from(raw_len),
-            wire: data.len() as u64,
-            cpu_secs,
+            encoding: Encoding {
+                raw: u64::from(raw_len),
+                wire: data.len() as u64,
+                cpu_secs,
+            },
         };
         #[cfg(feature = "faults")]
         if self
@@ -1502,9 +1499,7 @@ struct Encoded {
 struct Served {
     /// Raw bytes the peer received (0 if it did not get the chunk).
     delivered: u64,
-    raw: u64,
-    wire: u64,
-    cpu_secs: f64,
+    encoding: Encoding,
 }
 
 /// What a chunk request's connection knows when the network is its
@@ -1804,7 +1799,7 @@ impl RateLimiter {
 
 /// Reads `start..end` of the file at `path` into a new buffer, without
 /// zeroing it first (a plain `read_exact_at` needs an initialised buffer).
-fn read_range(path: &std::path::Path, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
+pub(crate) fn read_range(path: &std::path::Path, start: u64, end: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
     let len = (end - start) as usize;
     let mut f = std::fs::File::open(path)?;
@@ -1931,9 +1926,11 @@ mod tests {
     fn landed() -> Served {
         Served {
             delivered: 1,
-            raw: 1,
-            wire: 1,
-            cpu_secs: 0.0,
+            encoding: Encoding {
+                raw: 1,
+                wire: 1,
+                cpu_secs: 0.0,
+            },
         }
     }
 

@@ -56,13 +56,10 @@ impl Dictionaries {
         path: &Path,
     ) -> Result<Arc<DecoderDictionary<'static>>, Fault> {
         self.cache.get_or_load(file, || {
-            use std::os::unix::fs::FileExt;
             let entry = &m.files[file];
             let chunk = DICT_CHUNK as usize;
             let (start, end) = entry.chunk_range(chunk, m.chunk_size);
-            let mut buf = vec![0; (end - start) as usize];
-            std::fs::File::open(path)
-                .and_then(|f| f.read_exact_at(&mut buf, start))
+            let buf = crate::leader::read_range(path, start, end)
                 .map_err(|_| Fault::Mismatch("the dictionary chunk cannot be read"))?;
             if chunk_hash(entry.size, m.chunk_size, chunk, &buf) != entry.chunks[chunk] {
                 return Err(Fault::Mismatch("the dictionary chunk no longer verifies"));
