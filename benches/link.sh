@@ -33,13 +33,9 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+. benches/common.sh
 
-if [ ! -f "$DATA/CURRENT" ]; then
-  echo "generating the dataset: $SIZE of $VALUES values" >&2
-  mkdir -p "$(dirname "$DATA")"
-  "$FERRY" bench --prepare-only --workdir "$WORK/gen" --size "$SIZE" --values "$VALUES" >&2
-  mv "$WORK/gen/leader" "$DATA"
-fi
+ensure_dataset "$DATA" "$SIZE" "$VALUES"
 
 # The link: tbf on both ends, a bucket of 10 ms of traffic, 20 ms of queue.
 ip netns add "$NS"
@@ -60,21 +56,10 @@ for _ in $(seq 100); do [ -f "$DATA/.ferry/tls/join-token" ] && break; sleep 0.1
 TOKEN=$("$FERRY" token --data "$DATA")
 
 # sshd in the namespace, serving the files of the leader's seed checkpoint.
-mkdir -p "$WORK/ssh" /run/sshd
-ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/host" && ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/client"
-cat > "$WORK/ssh/sshd_config" <<CONF
-Port 7482
-ListenAddress $INNER
-HostKey $WORK/ssh/host
-AuthorizedKeysFile $WORK/ssh/client.pub
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-StrictModes no
-UsePAM no
-CONF
+prepare_sshd "$INNER" 7482
 $INNS /usr/sbin/sshd -D -f "$WORK/ssh/sshd_config" &
 PIDS+=($!)
-SSH="ssh -p 7482 -i $WORK/ssh/client -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -c aes128-gcm@openssh.com"
+SSH="$SSH -c aes128-gcm@openssh.com"
 
 ferry_seed() { # extra serve-side mode is fixed; the seed takes the defaults
   "$FERRY" seed --leader "$INNER:7481" --data "$WORK/dst" --token "$TOKEN" --json --no-progress

@@ -32,13 +32,9 @@ FERRY=$PWD/target/release/ferry
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
+. benches/common.sh
 
-if [ ! -f "$DATA/CURRENT" ]; then
-  echo "generating the dataset: $SIZE of $VALUES values" >&2
-  mkdir -p "$(dirname "$DATA")"
-  "$FERRY" bench --prepare-only --workdir "$WORK/gen" --size "$SIZE" --values "$VALUES" >&2
-  mv "$WORK/gen/leader" "$DATA"
-fi
+ensure_dataset "$DATA" "$SIZE" "$VALUES"
 
 PORT_FERRY=7471 PORT_RSYNC=7472 PORT_NC=7473 PORT_SSH=7474
 "$FERRY" serve --data "$DATA" --listen 127.0.0.1:$PORT_FERRY --log "${FERRY_TRANSFER_LOG:-warn}" 2> "${FERRY_TRANSFER_LEADER_LOG:-/dev/stderr}" &
@@ -70,22 +66,10 @@ rsync --daemon --no-detach --config="$WORK/rsyncd.conf" --port=$PORT_RSYNC --add
 PIDS+=($!)
 
 # sshd on loopback with a throwaway host key and client key
-mkdir -p "$WORK/ssh" /run/sshd
-ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/host" && ssh-keygen -q -t ed25519 -N '' -f "$WORK/ssh/client"
-cat > "$WORK/ssh/sshd_config" <<CONF
-Port $PORT_SSH
-ListenAddress 127.0.0.1
-HostKey $WORK/ssh/host
-AuthorizedKeysFile $WORK/ssh/client.pub
-PermitRootLogin prohibit-password
-PasswordAuthentication no
-StrictModes no
-UsePAM no
-CONF
+prepare_sshd 127.0.0.1 $PORT_SSH
 /usr/sbin/sshd -D -f "$WORK/ssh/sshd_config" &
 PIDS+=($!)
 sleep 1
-SSH="ssh -p $PORT_SSH -i $WORK/ssh/client -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
 
 ferry_seed() {
   "$FERRY" seed --leader 127.0.0.1:$PORT_FERRY --data "$WORK/dst" --token "$TOKEN" --json --no-progress
