@@ -934,9 +934,16 @@ impl Server {
                 let mut rates = VecDeque::from([0.0; 5]);
                 let mut in_flight = [0; 10];
                 loop {
-                    for n in in_flight.iter_mut() {
-                        tokio::time::sleep(PROBE_TICK / 10).await;
-                        *n = link.in_flight.load(Ordering::Relaxed);
+                    if link.in_flight.load(Ordering::Relaxed) == 0 {
+                        // No seed on this connection (a replication stream,
+                        // or between seeds): one wake-up a tick, not ten.
+                        tokio::time::sleep(PROBE_TICK).await;
+                        in_flight = [0; 10];
+                    } else {
+                        for n in in_flight.iter_mut() {
+                            tokio::time::sleep(PROBE_TICK / 10).await;
+                            *n = link.in_flight.load(Ordering::Relaxed);
+                        }
                     }
                     let now = link.delivered.load(Ordering::Relaxed);
                     let was = link.compressing();
