@@ -147,6 +147,9 @@ pub struct LinkMeter {
     idle_seen: AtomicBool,
     /// Raw bytes of the chunks the peer has received in full.
     delivered: AtomicU64,
+    /// Raw and encoded bytes of the chunk replies written since the last
+    /// tick, in either mode: what the bytes on the wire carry.
+    sent: Mutex<Encoding>,
     compress: AtomicBool,
 }
 
@@ -162,6 +165,7 @@ impl LinkMeter {
             in_flight_mode: Default::default(),
             idle_seen: AtomicBool::new(false),
             delivered: AtomicU64::new(0),
+            sent: Mutex::default(),
             compress: AtomicBool::new(false),
         }
     }
@@ -263,8 +267,12 @@ impl std::ops::AddAssign for Encoding {
 /// One tick's look at a connection's [`LinkMeter`].
 #[derive(Debug, Default, Clone, Copy)]
 struct Sample {
-    /// Raw bytes the peer received in full.
+    /// How long the tick took (0: one [`PROBE_TICK`]).
+    secs: f64,
+    /// Raw bytes of the chunks the peer received in full.
     delivered: u64,
+    /// Raw bytes that left the socket, as [`WireMeter`] counts them.
+    carried: u64,
     /// Chunks were in flight all along.
     busy: bool,
     /// As [`LinkMeter::saturated`].
@@ -273,6 +281,50 @@ struct Sample {
     stale: bool,
     /// The chunks encoded for the network that landed.
     encoded: Encoding,
+}
+
+/// The raw bytes a connection carried per tick, from what left its socket:
+/// the UDP bytes sent less those lost, scaled by the raw to encoded ratio
+/// of the chunk replies written in the last few ticks.
+///
+/// Counting the raw bytes of the chunks that landed is too coarse for the
+/// [`Prober`]'s raw phase: a follower's raw chunks in flight share the
+/// link and land together, bursts of 16 chunks (32 MiB) that a 0.4 s
+/// window catches whole or not at all. On a 1 Gbit/s link one seed in
+/// three measured its raw rate that way at 190 MB/s, above the cap, and
+/// never tried compression (`benches/link.sh`, db_bench data).
+#[derive(Debug, Default)]
+struct WireMeter {
+    /// The connection's UDP bytes sent and lost at the last tick.
+    tx: u64,
+    lost: u64,
+    /// The chunk replies written in the last [`WireMeter::WINDOW`] ticks.
+    sent: VecDeque<Encoding>,
+}
+
+impl WireMeter {
+    const WINDOW: usize = 5;
+
+    /// One tick: the connection's totals so far, and the replies written
+    /// since the last tick. Returns the raw bytes the tick carried.
+    fn tick(&mut self, tx: u64, lost: u64, sent: Encoding) -> u64 {
+        let wire = tx
+            .saturating_sub(self.tx)
+            .saturating_sub(lost.saturating_sub(self.lost));
+        (self.tx, self.lost) = (tx.max(self.tx), lost.max(self.lost));
+        if self.sent.len() == Self::WINDOW {
+            self.sent.pop_front();
+        }
+        self.sent.push_back(sent);
+        let (raw, encoded) = self
+            .sent
+            .iter()
+            .fold((0u64, 0u64), |(r, w), e| (r + e.raw, w + e.wire));
+        if encoded == 0 {
+            return wire;
+        }
+        (wire as f64 * raw as f64 / encoded as f64) as u64
+    }
 }
 
 /// Counts a waiter for as long as it waits (also when its future is
@@ -298,12 +350,14 @@ impl Drop for Waiting<'_> {
 /// while the sender is saturated. Where that is below what the cores could
 /// compress and the network is the bottleneck (see [`Prober::tick`]), it
 /// compresses, and measures again. It keeps compressing when that delivers
-/// 10 % more, or when what the compressed chunks showed (their ratio, and
-/// the CPU time they took) predicts 10 % more and the measured rate is not
-/// more than 10 % worse: on a seed of a few seconds, the compressed
-/// phase's 0.6 s also pays the first dictionary trials, and one sample of
-/// it is noisy. Then it holds the verdict for [`Prober::HOLD`] ticks and
-/// measures again.
+/// more, or when what the compressed chunks showed (their ratio, and the
+/// CPU time they took) predicts 10 % more and the measured rate is not
+/// more than 10 % worse: on a seed of a few seconds, the compressed phase
+/// also pays the first dictionary trials, and one sample of it is noisy.
+/// (With a 10 % margin on the measured rate too, two trials in five of a
+/// 1 Gbit/s seed of db_bench data dropped compression that made whole
+/// seeds 1.3x faster.) Then it holds the verdict for [`Prober::HOLD`]
+/// ticks and measures again.
 #[derive(Debug)]
 struct Prober {
     /// Raw bytes per second above which compression cannot pay.
@@ -311,9 +365,11 @@ struct Prober {
     /// The cores' compression capacity that the model may use.
     cores: f64,
     phase: Phase,
-    /// Busy ticks into the phase, and the raw bytes counted in it.
+    /// Busy ticks into the phase, and the raw bytes and seconds counted
+    /// in it.
     ticks: u32,
     bytes: u64,
+    secs: f64,
     /// Measured ticks in which the sender was saturated.
     saturated: u32,
     /// The chunks encoded for the network in the measured ticks.
@@ -333,10 +389,24 @@ enum Phase {
 
 impl Prober {
     /// Ticks (of [`PROBE_TICK`]) to skip at a phase's start, once the
-    /// previous mode's chunks have all arrived, then to measure.
-    const SKIP: u32 = 2;
+    /// previous mode's chunks have all arrived, then to measure. A seed
+    /// starts raw: two ticks in, BBR's startup still overfilled a shaped
+    /// 1 Gbit/s link, and the raw rate read 120-137 MB/s where the link
+    /// carries 110.
+    const SKIP: u32 = 4;
     const MEASURE: u32 = 4;
+    /// The compressed trial measures a tick longer: its ticks swing more,
+    /// with each file's level trial and a refill of the pipeline.
+    const TRIAL_MEASURE: u32 = 5;
     const HOLD: u32 = 300;
+
+    /// The ticks this phase skips, then measures.
+    fn span(&self) -> (u32, u32) {
+        match self.phase {
+            Phase::Compressed => (Self::SKIP, Self::TRIAL_MEASURE),
+            _ => (Self::SKIP, Self::MEASURE),
+        }
+    }
 
     fn new(cores: u64) -> Self {
         Self {
@@ -345,6 +415,7 @@ impl Prober {
             phase: Phase::Raw,
             ticks: 0,
             bytes: 0,
+            secs: 0.0,
             saturated: 0,
             encoded: Encoding::default(),
             raw_rate: 0.0,
@@ -354,12 +425,20 @@ impl Prober {
     /// A prober for a link whose verdict is already known (from the same
     /// host's last connection, `age` ago): it holds that mode for the rest
     /// of the verdict's hold, then measures again as usual.
-    fn resume(cores: u64, raw_rate: f64, age: Duration) -> Self {
+    fn resume(cores: u64, v: &Verdict) -> Self {
+        if v.trial {
+            return Self {
+                phase: Phase::Compressed,
+                raw_rate: v.raw_rate,
+                ..Self::new(cores)
+            };
+        }
+        let age = v.at.elapsed();
         let held = (age.as_millis() / PROBE_TICK.as_millis()).min(u128::from(Self::HOLD)) as u32;
         Self {
             phase: Phase::Hold,
             ticks: held,
-            raw_rate,
+            raw_rate: v.raw_rate,
             ..Self::new(cores)
         }
     }
@@ -373,7 +452,6 @@ impl Prober {
     /// link (a default follower's requests sit at the leader in both); the
     /// cap does, and the trial's rule guards the rest.
     fn tick(&mut self, sample: Sample, compressing: bool) -> bool {
-        let secs = PROBE_TICK.as_secs_f64();
         if self.phase == Phase::Hold {
             self.ticks += 1;
             if self.ticks >= Self::HOLD {
@@ -390,16 +468,30 @@ impl Prober {
             return compressing;
         }
         self.ticks += 1;
-        if self.ticks > Self::SKIP {
-            self.bytes += sample.delivered;
+        let (skip, measure) = self.span();
+        if self.ticks > skip {
+            // Raw chunks, 16 of 2 MiB sharing a link, land in bursts that
+            // a window catches whole or not at all: count what leaves the
+            // socket. Compressed chunks are small on the wire and land
+            // steadily, and the socket's bytes would need the ratio of
+            // chunks yet to land: count those that did.
+            self.bytes += match self.phase {
+                Phase::Compressed => sample.delivered,
+                _ => sample.carried,
+            };
+            self.secs += if sample.secs > 0.0 {
+                sample.secs
+            } else {
+                PROBE_TICK.as_secs_f64()
+            };
             self.saturated += u32::from(sample.saturated);
             self.encoded += sample.encoded;
         }
-        if self.ticks < Self::SKIP + Self::MEASURE {
+        if self.ticks < skip + measure {
             return compressing;
         }
-        let rate = self.bytes as f64 / (f64::from(Self::MEASURE) * secs);
-        let network_bound = rate < self.cap && self.saturated * 2 >= Self::MEASURE;
+        let rate = self.bytes as f64 / self.secs.max(1e-3);
+        let network_bound = rate < self.cap && self.saturated * 2 >= measure;
         tracing::debug!(phase = ?self.phase, rate = rate as u64, raw_rate = self.raw_rate as u64, saturated = self.saturated, "link measured");
         match self.phase {
             Phase::Raw if network_bound => {
@@ -422,7 +514,7 @@ impl Prober {
                     predicted = predicted as u64,
                     "compressed chunks"
                 );
-                let better = rate > self.raw_rate * 1.1
+                let better = rate > self.raw_rate
                     || (e.raw > 0 && predicted > self.raw_rate * 1.1 && rate > self.raw_rate * 0.9);
                 self.start(Phase::Hold);
                 better
@@ -435,6 +527,7 @@ impl Prober {
         self.phase = phase;
         self.ticks = 0;
         self.bytes = 0;
+        self.secs = 0.0;
         self.saturated = 0;
         self.encoded = Encoding::default();
     }
@@ -579,6 +672,10 @@ struct LinkMemory {
 struct Verdict {
     compress: bool,
     raw_rate: f64,
+    /// The raw phase found the network the bottleneck, and the connection
+    /// ended before the compressed trial did: the next one tries
+    /// compression at once, or seeds of a few seconds never finish a trial.
+    trial: bool,
     at: Instant,
 }
 
@@ -598,12 +695,22 @@ impl LinkMemory {
     }
 
     fn remember(&self, host: IpAddr, compress: bool, raw_rate: f64) {
+        self.insert(host, compress, raw_rate, false);
+    }
+
+    /// The raw phase measured `raw_rate` and the compressed trial starts.
+    fn remember_trial(&self, host: IpAddr, raw_rate: f64) {
+        self.insert(host, true, raw_rate, true);
+    }
+
+    fn insert(&self, host: IpAddr, compress: bool, raw_rate: f64, trial: bool) {
         let mut m = self.by_host.lock();
         m.insert(
             host,
             Verdict {
                 compress,
                 raw_rate,
+                trial,
                 at: Instant::now(),
             },
         );
@@ -922,14 +1029,16 @@ impl Server {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
             let mut p = match self.links.recall(addr.ip()) {
                 Some(v) => {
-                    tracing::debug!(peer = %addr, compress = v.compress, raw_rate = v.raw_rate as u64, "starting from this host's last link verdict");
+                    tracing::debug!(peer = %addr, compress = v.compress, trial = v.trial, raw_rate = v.raw_rate as u64, "starting from this host's last link verdict");
                     link.compress.store(v.compress, Ordering::Relaxed);
-                    Prober::resume(cores, v.raw_rate, v.at.elapsed())
+                    Prober::resume(cores, &v)
                 }
                 None => Prober::new(cores),
             };
             AbortOnDrop(tokio::spawn(async move {
                 let mut last = 0;
+                let mut wire = WireMeter::default();
+                let mut ticked = Instant::now();
                 // The rates of the last few ticks, for the in-flight budget.
                 let mut rates = VecDeque::from([0.0; 5]);
                 let mut in_flight = [0; 10];
@@ -946,23 +1055,41 @@ impl Server {
                         }
                     }
                     let now = link.delivered.load(Ordering::Relaxed);
+                    // A tick of ten short sleeps runs 10-50 % over
+                    // PROBE_TICK: rates divide by the time that passed.
+                    let secs = ticked.elapsed().as_secs_f64();
+                    ticked = Instant::now();
                     let was = link.compressing();
                     let busy = link.busy();
-                    let measuring = p.phase != Phase::Hold;
+                    let phase = p.phase;
+                    let stats = conn.stats();
+                    let carried = wire.tick(
+                        stats.udp_tx.bytes,
+                        stats.path.lost_bytes,
+                        std::mem::take(&mut *link.sent.lock()),
+                    );
                     let sample = Sample {
+                        secs,
                         delivered: now - last,
+                        carried,
                         busy,
                         saturated: link.saturated(&in_flight),
                         stale: link.stale(was),
                         encoded: std::mem::take(&mut *link.encoded.lock()),
                     };
                     let next = p.tick(sample, was);
-                    if measuring && p.phase == Phase::Hold {
-                        this.links.remember(addr.ip(), next, p.raw_rate);
+                    match (phase, p.phase) {
+                        (Phase::Raw, Phase::Compressed) => {
+                            this.links.remember_trial(addr.ip(), p.raw_rate)
+                        }
+                        (Phase::Raw | Phase::Compressed, Phase::Hold) => {
+                            this.links.remember(addr.ip(), next, p.raw_rate)
+                        }
+                        _ => {}
                     }
                     rates.pop_front();
-                    rates.push_back((now - last) as f64 / PROBE_TICK.as_secs_f64());
-                    tracing::trace!(peer = %addr, delivered = now - last, busy, compressing = next, in_flight = link.in_flight.load(Ordering::Relaxed), budget = link.budget.load(Ordering::Relaxed), "link tick");
+                    rates.push_back((now - last) as f64 / secs.max(1e-3));
+                    tracing::trace!(peer = %addr, carried, delivered = now - last, busy, compressing = next, in_flight = link.in_flight.load(Ordering::Relaxed), budget = link.budget.load(Ordering::Relaxed), "link tick");
                     last = now;
                     if busy {
                         let chunks = link.delivered_chunks.load(Ordering::Relaxed).max(1);
@@ -1015,7 +1142,9 @@ impl Server {
                         let mode = link.compressing();
                         let network = mode.then_some(NetworkBound { dict });
                         link.begin(mode);
-                        let served = this.serve_chunk(cp, file, chunk, send, network).await;
+                        let served = this
+                            .serve_chunk(cp, file, chunk, send, network, &link)
+                            .await;
                         link.end(served, mode);
                     }
                     other => {
@@ -1209,6 +1338,7 @@ impl Server {
         chunk: u32,
         mut send: SendStream,
         network: Option<NetworkBound>,
+        link: &LinkMeter,
     ) -> Served {
         let Some(cp) = cp else {
             send_error(
@@ -1268,6 +1398,11 @@ impl Server {
         if let (Some(b), true) = (&self.busy, self.taking_writes()) {
             b.limiter.acquire(data.len() as u64).await;
         }
+        *link.sent.lock() += Encoding {
+            raw: u64::from(raw_len),
+            wire: data.len() as u64,
+            cpu_secs: 0.0,
+        };
         self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
         self.stats
             .chunk_bytes_raw
@@ -1331,13 +1466,15 @@ impl SeedCheckpoint {
         compression: Compression,
         network: Option<NetworkBound>,
     ) -> Result<Encoded, (ErrorCode, String)> {
+        SETUP_SECS.with(|s| s.set(0.0));
         let started = thread_cpu_secs();
         let (codec, raw_len, data) = self.encode_chunk(file, chunk, compression, network)?;
+        let setup = SETUP_SECS.with(|s| s.get());
         Ok(Encoded {
             codec,
             raw_len,
             data,
-            cpu_secs: thread_cpu_secs() - started,
+            cpu_secs: (thread_cpu_secs() - started - setup).max(0.0),
         })
     }
 
@@ -1441,9 +1578,11 @@ impl SeedCheckpoint {
         let load = |level: i32| {
             self.dicts
                 .get_or_load((file, dict, level), || {
-                    let (start, end) = entry.chunk_range(dict, self.manifest.chunk_size);
-                    read_range(&self.info.path.join(entry.name.as_str()), start, end)
-                        .map(|d| zstd::dict::EncoderDictionary::copy(&d, level))
+                    setup(|| {
+                        let (start, end) = entry.chunk_range(dict, self.manifest.chunk_size);
+                        read_range(&self.info.path.join(entry.name.as_str()), start, end)
+                            .map(|d| zstd::dict::EncoderDictionary::copy(&d, level))
+                    })
                 })
                 .ok()
         };
@@ -1458,13 +1597,16 @@ impl SeedCheckpoint {
         let level = *self.dict_level[file].get_or_init(|| {
             // (speed, ratio, level, output)
             let mut best: Option<(f64, f64, i32, Vec<u8>)> = None;
+            let mut trial_secs = 0.0;
             for level in DICT_LEVELS {
                 let Some(d) = load(level) else { break };
                 // CPU time, not wall time: the other chunks in flight
                 // share the cores.
                 let started = thread_cpu_secs();
                 let Some(c) = compress(&d) else { break };
-                let speed = buf.len() as f64 / (thread_cpu_secs() - started).max(1e-6);
+                let secs = thread_cpu_secs() - started;
+                trial_secs += secs;
+                let speed = buf.len() as f64 / secs.max(1e-6);
                 let ratio = buf.len() as f64 / c.len().max(1) as f64;
                 tracing::debug!(file = %entry.name, level, ratio, speed, "dictionary level trial");
                 if best
@@ -1474,9 +1616,12 @@ impl SeedCheckpoint {
                     best = Some((speed, ratio, level, c));
                 }
             }
-            let Some((_, _, level, c)) = best else {
+            let Some((speed, _, level, c)) = best else {
                 return DICT_LEVELS[0];
             };
+            // The levels that lost cost setup, not this chunk.
+            let chosen = buf.len() as f64 / speed;
+            SETUP_SECS.with(|s| s.set(s.get() + (trial_secs - chosen).max(0.0)));
             tried = Some(c);
             level
         });
@@ -1485,6 +1630,25 @@ impl SeedCheckpoint {
             None => compress(&*load(level)?),
         }
     }
+}
+
+thread_local! {
+    /// CPU seconds of one-off work (loading a dictionary, trying the
+    /// levels that lost) in the chunk being encoded on this thread. The
+    /// [`Prober`] predicts from what chunks cost once that is done: with
+    /// it, the trial's chunks of a 1 Gbit/s seed of db_bench data measured
+    /// 92-134 MB/s a core, and compression that made the seed 1.5x faster
+    /// was dropped.
+    static SETUP_SECS: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Runs `f`, counting its CPU time as setup (see [`SETUP_SECS`]).
+fn setup<T>(f: impl FnOnce() -> T) -> T {
+    let started = thread_cpu_secs();
+    let r = f();
+    let secs = thread_cpu_secs() - started;
+    SETUP_SECS.with(|s| s.set(s.get() + secs));
+    r
 }
 
 /// The CPU time of the calling thread, in seconds.
@@ -1834,6 +1998,7 @@ mod tests {
             .map(|_| {
                 let sample = Sample {
                     delivered: if mode { compressed } else { raw },
+                    carried: if mode { compressed } else { raw },
                     busy: true,
                     saturated: true,
                     ..Sample::default()
@@ -1854,8 +2019,9 @@ mod tests {
         assert!(modes[3 * n - 1], "and kept, since it delivers more");
         // The same link where compression turns out slower: tried, dropped.
         let mut p = Prober::new(2);
+        let t = (Prober::SKIP + Prober::TRIAL_MEASURE) as usize;
         let modes = probe(&mut p, 3 * n, 11_900_000, 9_000_000);
-        assert!(modes[n - 1] && !modes[2 * n - 1] && !modes[3 * n - 1]);
+        assert!(modes[n + t - 2] && !modes[n + t - 1] && !modes[3 * n - 1]);
         // Loopback at 1.2 GB/s: above what two cores compress, never tried.
         let mut p = Prober::new(2);
         assert!(probe(&mut p, 3 * n, 120_000_000, 0).iter().all(|m| !m));
@@ -1866,7 +2032,7 @@ mod tests {
         let mut mode = false;
         for _ in 0..3 * n {
             let sample = Sample {
-                delivered: 15_000_000,
+                carried: 15_000_000,
                 busy: true,
                 ..Sample::default()
             };
@@ -1877,13 +2043,47 @@ mod tests {
         let mut p = Prober::new(2);
         let modes = probe(
             &mut p,
-            2 * n + Prober::HOLD as usize + 1,
+            n + t + Prober::HOLD as usize + 1,
             11_900_000,
             30_000_000,
         );
         assert!(
             !modes.last().copied().unwrap_or(true),
             "a new round starts raw"
+        );
+    }
+
+    #[test]
+    fn the_wire_meter_counts_raw_bytes_from_what_left_the_socket() {
+        let sent = |raw, wire| Encoding {
+            raw,
+            wire,
+            cpu_secs: 0.0,
+        };
+        let mut m = WireMeter::default();
+        // Raw chunks: the raw bytes are the UDP bytes, less those lost.
+        assert_eq!(m.tick(12_000_000, 0, sent(8 << 20, 8 << 20)), 12_000_000);
+        assert_eq!(m.tick(24_000_000, 1_000_000, sent(0, 0)), 11_000_000);
+        // A tick that wrote nothing still counts what the socket sent.
+        assert_eq!(
+            m.tick(36_000_000, 1_000_000, Encoding::default()),
+            12_000_000
+        );
+        // Replies compressed 8x: what goes out carries 8 times its size
+        // once the window holds only compressed replies.
+        for _ in 0..WireMeter::WINDOW {
+            m.tick(36_000_000, 1_000_000, sent(16 << 20, 2 << 20));
+        }
+        assert_eq!(
+            m.tick(48_000_000, 1_000_000, sent(16 << 20, 2 << 20)),
+            96_000_000
+        );
+        // Counters that move backwards (a loss counted before its send)
+        // count nothing rather than wrap.
+        assert_eq!(m.tick(48_000_000, 2_000_000, sent(16 << 20, 2 << 20)), 0);
+        assert_eq!(
+            m.tick(50_000_000, 2_000_000, sent(16 << 20, 2 << 20)),
+            16_000_000
         );
     }
 
@@ -1897,7 +2097,11 @@ mod tests {
         assert!(v.compress && v.raw_rate == 11.9e6);
         assert!(memory.recall(other).is_none());
         // A verdict 10 s old is held for the remaining 20 s.
-        let mut p = Prober::resume(2, v.raw_rate, Duration::from_secs(10));
+        let v = Verdict {
+            at: Instant::now() - Duration::from_secs(10),
+            ..v
+        };
+        let mut p = Prober::resume(2, &v);
         let sample = Sample {
             delivered: 30_000_000,
             busy: true,
@@ -1909,6 +2113,58 @@ mod tests {
         }
         assert!(!p.tick(sample, true), "then measured again, from raw");
         assert_eq!(p.phase, Phase::Raw);
+    }
+
+    #[test]
+    fn a_trial_cut_short_by_the_end_of_a_seed_goes_on_in_the_next() {
+        let host: IpAddr = "10.0.0.1".parse().unwrap();
+        let memory = LinkMemory::default();
+        let n = (Prober::SKIP + Prober::MEASURE) as usize;
+        // A short seed: its raw phase finds the link network-bound, and it
+        // ends while compression is being tried.
+        let mut p = Prober::new(2);
+        let modes = probe(&mut p, n + 1, 11_900_000, 30_000_000);
+        assert!(modes[n - 1] && p.phase == Phase::Compressed);
+        memory.remember_trial(host, p.raw_rate);
+        // The next seed from the host starts compressed, measuring.
+        let v = memory.recall(host).expect("remembered");
+        assert!(v.compress && v.trial);
+        let mut p = Prober::resume(2, &v);
+        assert_eq!(p.phase, Phase::Compressed);
+        let t = (Prober::SKIP + Prober::TRIAL_MEASURE) as usize;
+        let modes: Vec<bool> = (0..t)
+            .map(|_| {
+                let s = Sample {
+                    delivered: 30_000_000,
+                    busy: true,
+                    saturated: true,
+                    ..Sample::default()
+                };
+                p.tick(s, true)
+            })
+            .collect();
+        assert!(modes.iter().all(|&m| m), "kept: it delivers more");
+        assert_eq!(p.phase, Phase::Hold);
+    }
+
+    #[test]
+    fn rates_divide_by_the_time_the_ticks_took() {
+        // A 1 Gbit/s link measured over ticks that ran 25 % long: 15 MB a
+        // tick is 120 MB/s, under the cap, not 150 MB/s.
+        let n = (Prober::SKIP + Prober::MEASURE) as usize;
+        let mut p = Prober::new(2);
+        for _ in 0..n {
+            let s = Sample {
+                secs: 0.125,
+                carried: 15_000_000,
+                busy: true,
+                saturated: true,
+                ..Sample::default()
+            };
+            p.tick(s, false);
+        }
+        assert_eq!(p.phase, Phase::Compressed);
+        assert!((p.raw_rate - 120e6).abs() < 1.0, "{}", p.raw_rate);
     }
 
     #[test]
@@ -1943,40 +2199,44 @@ mod tests {
 
     #[test]
     fn a_trial_is_kept_on_what_its_chunks_predict_unless_the_rate_fell() {
-        let n = (Prober::SKIP + Prober::MEASURE) as usize;
+        let n = (Prober::SKIP + Prober::MEASURE + Prober::SKIP + Prober::TRIAL_MEASURE) as usize;
         let run = |compressed_rate: u64, encoded: Encoding| {
             let mut p = Prober::new(2);
             let mut mode = false;
-            for _ in 0..2 * n {
+            for _ in 0..n {
                 let sample = Sample {
                     delivered: if mode { compressed_rate } else { 11_900_000 },
+                    carried: if mode { compressed_rate } else { 11_900_000 },
                     busy: true,
                     saturated: true,
                     stale: false,
                     encoded: if mode { encoded } else { Encoding::default() },
+                    secs: 0.1,
                 };
                 mode = p.tick(sample, mode);
             }
             mode
         };
         // A 1 Gbit/s link; the trial's first chunks also paid dictionary
-        // trials, so the measured rate only matched raw, but the chunks
-        // shrank 7x at 250 MB/s a core: kept.
+        // trials, so the measured rate came out 8 % under raw, but the
+        // chunks shrank 7x at 250 MB/s a core: kept.
         let db_bench = Encoding {
             raw: 25_000_000,
             wire: 3_500_000,
             cpu_secs: 0.1,
         };
-        assert!(run(12_500_000, db_bench));
+        assert!(run(11_000_000, db_bench));
         // The same prediction with the measured rate 20 % down: dropped.
         assert!(!run(9_500_000, db_bench));
-        // Incompressible chunks predict nothing better: dropped.
+        // Incompressible chunks predict nothing better: dropped...
         let random = Encoding {
             raw: 25_000_000,
             wire: 25_000_000,
             cpu_secs: 0.02,
         };
-        assert!(!run(12_500_000, random));
+        assert!(!run(11_000_000, random));
+        // ...unless the measured rate is higher all the same.
+        assert!(run(12_500_000, random));
     }
 
     #[tokio::test]
