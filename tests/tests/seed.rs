@@ -1112,6 +1112,58 @@ async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_held_back_for_the_leaders_writes_is_not_compressed() {
+    use rand::{Rng, SeedableRng};
+    // The file of the test above, whose chunks shrink to nothing against
+    // the first: on a link, compression would win at once.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let noise: Vec<u8> = (0..CHUNK).map(|_| rng.random()).collect();
+    let blob = noise.repeat(200);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts()).unwrap();
+    fill(&store, 10, 1);
+    let source = Arc::new(PaddedSource {
+        store: store.clone(),
+        blobs: vec![blob.clone()],
+    });
+    // No link limit, but the leader takes writes all along, so the
+    // foreground protection holds seeds to 4 MB/s. The seed then looks
+    // network-bound, yet compressing would spend the CPU the writes need.
+    let serve = ServeOptions {
+        max_rate: None,
+        busy_max_rate: Some(4_000_000),
+        ..ServeOptions::default()
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                store.put(format!("fg-{i:08}"), b"v".to_vec()).unwrap();
+                i += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let leader = TestLeader::start_on(dir, store, serve, Some(source));
+    let target = tempfile::tempdir().unwrap();
+    let mut cfg = leader.seed_config(target.path());
+    cfg.parallel = 4;
+    let r = ferry_transfer::seed(cfg).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    let ratio = r.bytes_fetched as f64 / r.wire_bytes as f64;
+    eprintln!("data/wire {ratio:.2} in {:.1} s", r.elapsed_secs);
+    assert!(
+        r.elapsed_secs > 2.0,
+        "the foreground protection held the seed back"
+    );
+    assert!(ratio < 1.1, "data/wire {ratio:.2}");
+    assert!(std::fs::read(target.path().join("000900.blob")).unwrap() == blob);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compression_follows_the_bottleneck_per_connection() {
     // A fast path (loopback): the CPU is the bottleneck, these files do not
     // pass auto's 2x test, so they go raw as before.
