@@ -78,6 +78,12 @@ pub struct BenchArgs {
     /// Work in this directory (kept) instead of a temporary one.
     #[arg(long, env = "FERRY_WORKDIR")]
     workdir: Option<PathBuf>,
+    /// Put the follower's data in a temporary directory under this one
+    /// (removed after, unless --keep), e.g. on another disk. A follower on
+    /// another host never shares the leader's disk; on one disk, its
+    /// writeback delays the leader's WAL syncs.
+    #[arg(long, env = "FERRY_FOLLOWER_PARENT")]
+    follower_parent: Option<PathBuf>,
     /// Keep the temporary directory.
     #[arg(long, env = "FERRY_KEEP")]
     keep: bool,
@@ -161,11 +167,26 @@ pub fn run(args: BenchArgs) -> Result<i32> {
             p
         }
     };
+    let follower_tmp = match &args.follower_parent {
+        Some(d) => Some(
+            tempfile::Builder::new()
+                .prefix("ferry-bench-follower-")
+                .tempdir_in(d)
+                .with_context(|| format!("create a directory in {}", d.display()))?,
+        ),
+        None => None,
+    };
+    let follower_dir = match &follower_tmp {
+        Some(t) => t.path().join("follower"),
+        None => root.join("follower"),
+    };
     let phases = Phases::new();
-    let result = bench(&args, &root, &phases);
+    let result = bench(&args, &root, &follower_dir, &phases);
     phases.done();
-    if let (true, Some(t)) = (args.keep, tmp) {
-        eprintln!("kept {}", t.keep().display());
+    if args.keep {
+        for t in [tmp, follower_tmp].into_iter().flatten() {
+            eprintln!("kept {}", t.keep().display());
+        }
     }
     let out = result?;
     if args.prepare_only {
@@ -180,10 +201,9 @@ pub fn run(args: BenchArgs) -> Result<i32> {
     Ok(if out["verified"] == true { 0 } else { 3 })
 }
 
-fn bench(args: &BenchArgs, root: &Path, phases: &Phases) -> Result<Value> {
+fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) -> Result<Value> {
     let leader_dir = root.join("leader");
-    let follower_dir = root.join("follower");
-    for d in [&leader_dir, &follower_dir] {
+    for d in [leader_dir.as_path(), follower_dir] {
         if d.exists() {
             std::fs::remove_dir_all(d).with_context(|| format!("clear {}", d.display()))?;
         }
@@ -275,7 +295,7 @@ fn bench(args: &BenchArgs, root: &Path, phases: &Phases) -> Result<Value> {
     let mut follower = Node::spawn(
         root,
         "follower",
-        &follower_dir,
+        follower_dir,
         f_quic,
         f_http,
         &["--follow", &follow.to_string(), "--token", &token],
