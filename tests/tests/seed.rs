@@ -1075,16 +1075,15 @@ fn leader_with_far_repeats(serve: ServeOptions) -> TestLeader {
     leader
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
+/// A store and a source that adds one file whose chunks repeat each other
+/// and nothing within: 64 KiB of noise, `copies` times. Compressed alone,
+/// no chunk shrinks; against the file's first chunk, which the follower
+/// already holds, each is a few bytes.
+fn repeating_file(copies: usize) -> (tempfile::TempDir, Store, Arc<PaddedSource>, Vec<u8>) {
     use rand::{Rng, SeedableRng};
-    // One file whose chunks repeat each other and nothing within: 64 KiB
-    // of noise, 300 times. Compressed alone, no chunk shrinks; against the
-    // file's first chunk, which the follower already holds, each is a few
-    // bytes.
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let noise: Vec<u8> = (0..CHUNK).map(|_| rng.random()).collect();
-    let blob = noise.repeat(300);
+    let blob = noise.repeat(copies);
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), opts()).unwrap();
     fill(&store, 10, 1);
@@ -1092,6 +1091,12 @@ async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
         store: store.clone(),
         blobs: vec![blob.clone()],
     });
+    (dir, store, source, blob)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
+    let (dir, store, source, blob) = repeating_file(300);
     // A 4 MB/s cap stands in for a slow link.
     let serve = ServeOptions {
         max_rate: Some(4_000_000),
@@ -1113,19 +1118,9 @@ async fn a_slow_link_compresses_chunks_against_their_files_first_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seed_held_back_for_the_leaders_writes_is_not_compressed() {
-    use rand::{Rng, SeedableRng};
-    // The file of the test above, whose chunks shrink to nothing against
-    // the first: on a link, compression would win at once.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let noise: Vec<u8> = (0..CHUNK).map(|_| rng.random()).collect();
-    let blob = noise.repeat(200);
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), opts()).unwrap();
-    fill(&store, 10, 1);
-    let source = Arc::new(PaddedSource {
-        store: store.clone(),
-        blobs: vec![blob.clone()],
-    });
+    // A file whose chunks shrink to nothing against the first: on a link,
+    // compression would win at once.
+    let (dir, store, source, blob) = repeating_file(200);
     // No link limit, but the leader takes writes all along, so the
     // foreground protection holds seeds to 4 MB/s. The seed then looks
     // network-bound, yet compressing would spend the CPU the writes need.
