@@ -1841,8 +1841,10 @@ impl Registry {
 /// 1.25x runs at 80 % of its idle rate, and the margin covers the ticks
 /// the control needs to react), and the host's idle CPU (under 10 % means
 /// the seed's reading, compression and encryption compete with the writes
-/// for CPU). Either cuts the seed rate by a fifth; a healthy tick raises
-/// it by a twentieth of the ceiling (`busy_max_rate`). A seed that starts
+/// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
+/// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
+/// sync. A tick with enough healthy writes raises it by a twentieth of the
+/// ceiling (`busy_max_rate`); one with too few holds it. A seed that starts
 /// while the store takes writes starts at a quarter of the ceiling and
 /// grows. So a seed takes what the foreground leaves free and no more.
 struct BusyControl {
