@@ -1882,8 +1882,8 @@ impl Registry {
 /// the seed's reading, compression and encryption compete with the writes
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
-/// sync. A tick with enough healthy writes raises it by a twentieth of the
-/// ceiling (`busy_max_rate`); one with too few holds it. A seed that starts
+/// sync. Any other tick raises it by a twentieth of the ceiling
+/// (`busy_max_rate`). A seed that starts
 /// while the store takes writes starts at a quarter of the ceiling and
 /// grows. So a seed takes what the foreground leaves free and no more.
 struct BusyControl {
@@ -1965,8 +1965,6 @@ impl BusyControl {
                 _ => false,
             };
             st.cpu = cpu;
-            // Whether the writes suffer: Some(true) or Some(false), or
-            // None when the tick says too little either way.
             let slow = match latency {
                 Some((lat, n)) if n >= Self::MIN_WRITES => {
                     let lat = lat.as_nanos() as f64;
@@ -1975,17 +1973,17 @@ impl BusyControl {
                     } else if !seeding {
                         st.idle_latency += (lat - st.idle_latency) / 10.0;
                     }
-                    Some(lat > st.idle_latency * Self::SLOW)
+                    lat > st.idle_latency * Self::SLOW
                 }
-                // Few writes finished: too few to grow on, but a tick in
-                // which they were slow is the worst kind, writes stalled
-                // behind a sync. (Counting it as healthy, a seed of db_bench
-                // data grew through ticks of 38 and 62 ms writes, against
-                // 2 ms idle.)
+                // Few writes finished, and slowly: writes stalled behind a
+                // sync, the worst kind of tick. (Counted as healthy, a seed
+                // of db_bench data grew through ticks of 38 and 62 ms
+                // writes, against 2 ms idle.) A sparse writer, which never
+                // fills a tick, has no baseline and steers nothing.
                 Some((lat, _)) if st.idle_latency > 0.0 => {
-                    (lat.as_nanos() as f64 > st.idle_latency * Self::SLOW).then_some(true)
+                    lat.as_nanos() as f64 > st.idle_latency * Self::SLOW
                 }
-                _ => None,
+                _ => false,
             };
             let started = seeding && !st.seeding;
             st.seeding = seeding;
@@ -2000,19 +1998,19 @@ impl BusyControl {
         } else {
             self.limiter.rate()
         };
-        let next = match (slow, saturated) {
-            (Some(true), _) | (_, true) => (rate * 0.8).max(floor),
-            (Some(false), false) => (rate + self.ceiling * Self::STEP).min(self.ceiling),
-            (None, false) => rate,
+        let next = if slow || saturated {
+            (rate * 0.8).max(floor)
+        } else {
+            (rate + self.ceiling * Self::STEP).min(self.ceiling)
         };
         tracing::debug!(
             latency_us = latency.map(|(l, _)| l.as_micros() as u64),
-            ?slow,
+            slow,
             saturated,
             rate = next as u64,
             "busy control tick"
         );
-        if next != rate {
+        if next != self.limiter.rate() {
             self.limiter.set_rate(next);
             metrics::gauge!("ferry_seed_busy_rate_bytes").set(next);
         }
@@ -2458,6 +2456,23 @@ mod tests {
     }
 
     #[test]
+    fn a_sparse_writer_lets_a_seed_grow() {
+        const MB: f64 = 1024.0 * 1024.0;
+        let b = BusyControl::new(100 << 20);
+        let cpu = |idle: u64, total: u64| Some(CpuTimes { idle, total });
+        // 20 writes a second: never five in a tick, so no baseline; slow
+        // or not, those writes steer nothing and the seed grows from a
+        // quarter to the ceiling (ferry demo's load).
+        let mut t = 0;
+        for i in 0..20u64 {
+            t += 100;
+            let lat = Some((Duration::from_millis(1 + i % 7), 2));
+            b.tick_with(lat, true, cpu(t / 2, t));
+        }
+        assert_eq!(b.limiter.rate(), 100.0 * MB);
+    }
+
+    #[test]
     fn the_busy_control_backs_off_when_the_foreground_suffers_and_recovers_after() {
         const MB: f64 = 1024.0 * 1024.0;
         let b = BusyControl::new(100 << 20);
@@ -2494,18 +2509,17 @@ mod tests {
             cpu(t / 2, t),
         );
         assert_eq!(b.limiter.rate(), 64.0 * MB);
-        // A tick with few writes cannot grow it, but a stall cuts it.
+        // Few writes that stalled cut it too.
         let few = |m: u64| Some((Duration::from_millis(m), 2));
-        t += 100;
-        b.tick_with(few(1), true, cpu(t / 2, t));
-        assert_eq!(b.limiter.rate(), 64.0 * MB);
         t += 100;
         b.tick_with(few(60), true, cpu(t / 2, t));
         assert_eq!(b.limiter.rate(), 51.2 * MB);
-        // A tick in which no write finished neither grows nor cuts it.
+        // Few fast writes, or none, grow it.
+        t += 100;
+        b.tick_with(few(1), true, cpu(t / 2, t));
         t += 100;
         b.tick_with(None, true, cpu(t / 2, t));
-        assert_eq!(b.limiter.rate(), 51.2 * MB);
+        assert_eq!(b.limiter.rate(), 61.2 * MB);
         // The next seed starts low again, and grows while writes are fine.
         b.tick_with(ms(1), false, cpu(t / 2, t));
         t += 100;
