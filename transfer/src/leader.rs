@@ -136,9 +136,6 @@ pub struct LinkMeter {
     freed: tokio::sync::Notify,
     /// Requests waiting for the budget now.
     waiting: AtomicUsize,
-    /// What the chunks encoded for the network since the last tick
-    /// carried and cost.
-    encoded: Mutex<Encoding>,
     /// Chunks the peer has received in full.
     delivered_chunks: AtomicU64,
     /// Chunks in flight that were read in each mode (raw, compressed).
@@ -147,8 +144,8 @@ pub struct LinkMeter {
     idle_seen: AtomicBool,
     /// Raw bytes of the chunks the peer has received in full.
     delivered: AtomicU64,
-    /// Raw and encoded bytes of the chunk replies written since the last
-    /// tick, in either mode: what the bytes on the wire carry.
+    /// The chunk replies written since the last tick, in either mode: what
+    /// the bytes on the wire carry, and what encoding them cost.
     sent: Mutex<Encoding>,
     /// Set when the foreground protection ([`BusyControl`]) held a chunk
     /// back since the last tick: the rate says nothing about the link.
@@ -163,7 +160,6 @@ impl LinkMeter {
             budget: AtomicUsize::new(budget.max(1)),
             freed: tokio::sync::Notify::new(),
             waiting: AtomicUsize::new(0),
-            encoded: Mutex::default(),
             delivered_chunks: AtomicU64::new(0),
             in_flight_mode: Default::default(),
             idle_seen: AtomicBool::new(false),
@@ -208,14 +204,12 @@ impl LinkMeter {
         self.in_flight_mode[usize::from(compressed)].fetch_add(1, Ordering::Relaxed);
     }
 
-    fn end(&self, served: Served, compressed: bool) {
-        self.delivered
-            .fetch_add(served.delivered, Ordering::Relaxed);
-        if served.delivered > 0 {
+    /// A chunk left flight; the peer received `delivered` raw bytes of it
+    /// (0 if it did not get the chunk).
+    fn end(&self, delivered: u64, compressed: bool) {
+        self.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if delivered > 0 {
             self.delivered_chunks.fetch_add(1, Ordering::Relaxed);
-        }
-        if compressed {
-            *self.encoded.lock() += served.encoding;
         }
         self.in_flight_mode[usize::from(compressed)].fetch_sub(1, Ordering::Relaxed);
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
@@ -252,7 +246,7 @@ impl LinkMeter {
     }
 }
 
-/// Raw bytes, bytes sent and CPU seconds of chunks encoded for the network.
+/// Raw bytes, bytes sent and CPU seconds of encoded chunks.
 #[derive(Debug, Default, Clone, Copy)]
 struct Encoding {
     raw: u64,
@@ -283,7 +277,7 @@ struct Sample {
     saturated: bool,
     /// Chunks of the other mode than the current one are still arriving.
     stale: bool,
-    /// The chunks encoded for the network that landed.
+    /// The chunk replies written in the tick.
     encoded: Encoding,
 }
 
@@ -410,11 +404,11 @@ impl Prober {
     const TRIAL_MEASURE: u32 = 5;
     const HOLD: u32 = 300;
 
-    /// The ticks this phase skips, then measures.
-    fn span(&self) -> (u32, u32) {
+    /// The ticks this phase measures (after [`Prober::SKIP`]).
+    fn measure(&self) -> u32 {
         match self.phase {
-            Phase::Compressed => (Self::SKIP, Self::TRIAL_MEASURE),
-            _ => (Self::SKIP, Self::MEASURE),
+            Phase::Compressed => Self::TRIAL_MEASURE,
+            _ => Self::MEASURE,
         }
     }
 
@@ -481,8 +475,8 @@ impl Prober {
             return compressing;
         }
         self.ticks += 1;
-        let (skip, measure) = self.span();
-        if self.ticks > skip {
+        let measure = self.measure();
+        if self.ticks > Self::SKIP {
             // Raw chunks, 16 of 2 MiB sharing a link, land in bursts that
             // a window catches whole or not at all: count what leaves the
             // socket. Compressed chunks are small on the wire and land
@@ -500,7 +494,7 @@ impl Prober {
             self.saturated += u32::from(sample.saturated);
             self.encoded += sample.encoded;
         }
-        if self.ticks < skip + measure {
+        if self.ticks < Self::SKIP + measure {
             return compressing;
         }
         let rate = self.bytes as f64 / self.secs.max(1e-3);
@@ -1106,11 +1100,8 @@ impl Server {
                         link.busy() & !link.held_for_foreground.swap(false, Ordering::Relaxed);
                     let phase = p.phase;
                     let stats = conn.stats();
-                    let carried = wire.tick(
-                        stats.udp_tx.bytes,
-                        stats.path.lost_bytes,
-                        std::mem::take(&mut *link.sent.lock()),
-                    );
+                    let sent = std::mem::take(&mut *link.sent.lock());
+                    let carried = wire.tick(stats.udp_tx.bytes, stats.path.lost_bytes, sent);
                     let sample = Sample {
                         secs,
                         delivered: now - last,
@@ -1118,7 +1109,7 @@ impl Server {
                         busy,
                         saturated: link.saturated(&in_flight),
                         stale: link.stale(was),
-                        encoded: std::mem::take(&mut *link.encoded.lock()),
+                        encoded: sent,
                     };
                     let next = p.tick(sample, was);
                     match (phase, p.phase) {
@@ -1188,10 +1179,10 @@ impl Server {
                         let mode = link.compressing();
                         let network = mode.then_some(NetworkBound { dict });
                         link.begin(mode);
-                        let served = this
+                        let delivered = this
                             .serve_chunk(cp, file, chunk, send, network, &link)
                             .await;
-                        link.end(served, mode);
+                        link.end(delivered, mode);
                     }
                     other => {
                         let handler = this.streams.lock().clone();
@@ -1385,7 +1376,7 @@ impl Server {
         mut send: SendStream,
         network: Option<NetworkBound>,
         link: &LinkMeter,
-    ) -> Served {
+    ) -> u64 {
         let Some(cp) = cp else {
             send_error(
                 &mut send,
@@ -1393,7 +1384,7 @@ impl Server {
                 "no such seed session on this connection",
             )
             .await;
-            return Served::default();
+            return 0;
         };
         let compression = self.opts.compression;
         let _encoder = match network {
@@ -1414,20 +1405,12 @@ impl Server {
             Ok(Ok(r)) => r,
             Ok(Err((code, msg))) => {
                 send_error(&mut send, code, msg).await;
-                return Served::default();
+                return 0;
             }
             Err(e) => {
                 send_error(&mut send, ErrorCode::Internal, e.to_string()).await;
-                return Served::default();
+                return 0;
             }
-        };
-        let mut served = Served {
-            delivered: 0,
-            encoding: Encoding {
-                raw: u64::from(raw_len),
-                wire: data.len() as u64,
-                cpu_secs,
-            },
         };
         #[cfg(feature = "faults")]
         if self
@@ -1453,7 +1436,7 @@ impl Server {
         *link.sent.lock() += Encoding {
             raw: u64::from(raw_len),
             wire: data.len() as u64,
-            cpu_secs: 0.0,
+            cpu_secs,
         };
         self.stats.chunks_served.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -1477,10 +1460,10 @@ impl Server {
             // Until the peer has the whole chunk, its bytes are queued on
             // this connection: the link meter counts the sender as busy.
             if send.stopped().await.is_ok() {
-                served.delivered = u64::from(raw_len);
+                return u64::from(raw_len);
             }
         }
-        served
+        0
     }
 }
 
@@ -1717,14 +1700,6 @@ struct Encoded {
     cpu_secs: f64,
 }
 
-/// What a served chunk cost and carried, for the [`LinkMeter`].
-#[derive(Debug, Default, Clone, Copy)]
-struct Served {
-    /// Raw bytes the peer received (0 if it did not get the chunk).
-    delivered: u64,
-    encoding: Encoding,
-}
-
 /// What a chunk request's connection knows when the network is its
 /// bottleneck.
 #[derive(Debug, Clone, Copy)]
@@ -1883,9 +1858,9 @@ impl Registry {
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
 /// sync. Any other tick raises it by a twentieth of the ceiling
-/// (`busy_max_rate`). A seed that starts
-/// while the store takes writes starts at a quarter of the ceiling and
-/// grows. So a seed takes what the foreground leaves free and no more.
+/// (`busy_max_rate`). A seed that starts while the store takes writes
+/// starts at a quarter of the ceiling and grows. So a seed takes what the
+/// foreground leaves free and no more.
 struct BusyControl {
     limiter: RateLimiter,
     ceiling: f64,
@@ -2334,18 +2309,6 @@ mod tests {
         assert_eq!(in_flight_budget(0.0, ms(1), 2.0 * mib, 4), 4);
     }
 
-    /// A served chunk that landed.
-    fn landed() -> Served {
-        Served {
-            delivered: 1,
-            encoding: Encoding {
-                raw: 1,
-                wire: 1,
-                cpu_secs: 0.0,
-            },
-        }
-    }
-
     #[test]
     fn a_trial_is_kept_on_what_its_chunks_predict_unless_the_rate_fell() {
         let n = (Prober::SKIP + Prober::MEASURE + Prober::SKIP + Prober::TRIAL_MEASURE) as usize;
@@ -2415,7 +2378,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!third.is_finished(), "a third chunk waits");
         link.begin(false);
-        link.end(landed(), false);
+        link.end(1, false);
         tokio::time::timeout(Duration::from_secs(1), third)
             .await
             .expect("admitted once one left")
