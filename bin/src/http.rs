@@ -826,6 +826,10 @@ async fn metrics(State(node): State<Shared>) -> Response {
             st.auth_failures.load(Ordering::Relaxed),
         );
         g("ferry_seeds_active", s.active_seeds() as f64);
+        g(
+            "ferry_seed_chunks_on_the_wire",
+            st.chunks_on_the_wire.load(Ordering::Relaxed) as f64,
+        );
     }
     if let Some(r) = node.replication.get() {
         for f in r.followers() {

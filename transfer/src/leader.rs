@@ -592,6 +592,29 @@ pub struct ServerStats {
     pub auth_failures: AtomicU64,
     /// Connections refused because too many were still unauthenticated.
     pub refused_unauthenticated: AtomicU64,
+    /// Chunk replies written and not yet received in full by their peer.
+    pub chunks_on_the_wire: AtomicU64,
+    /// The most chunk replies that were on the wire at once.
+    pub chunks_on_the_wire_peak: AtomicU64,
+}
+
+/// Counts a chunk reply as on the wire while it lives.
+struct OnTheWire<'a>(&'a ServerStats);
+
+impl<'a> OnTheWire<'a> {
+    fn new(stats: &'a ServerStats) -> Self {
+        let now = stats.chunks_on_the_wire.fetch_add(1, Ordering::Relaxed) + 1;
+        stats
+            .chunks_on_the_wire_peak
+            .fetch_max(now, Ordering::Relaxed);
+        Self(stats)
+    }
+}
+
+impl Drop for OnTheWire<'_> {
+    fn drop(&mut self) {
+        self.0.chunks_on_the_wire.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A handler for streams that are not part of seeding (replication).
@@ -1387,14 +1410,18 @@ impl Server {
             return 0;
         };
         let compression = self.opts.compression;
-        let _encoder = match network {
-            Some(_) => self.encoders.acquire().await.ok(),
-            None => None,
+        // One chunk compressed per core at a time (for the network, or
+        // always by the operator's choice); the permit covers the encoding only, never the sending (holding it until the peer had
+        // the chunk let two chunks be in flight on a long path).
+        let encoder = match (network, compression) {
+            (Some(_), _) | (_, Compression::Always { .. }) => self.encoders.acquire().await.ok(),
+            _ => None,
         };
         let read = tokio::task::spawn_blocking(move || {
             cp.read_chunk(file as usize, chunk as usize, compression, network)
         })
         .await;
+        drop(encoder);
         #[cfg_attr(not(feature = "faults"), allow(unused_mut))]
         let Encoded {
             codec,
@@ -1445,6 +1472,7 @@ impl Server {
         self.stats
             .chunk_bytes_sent
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let _wire = OnTheWire::new(&self.stats);
         if write_frame(
             &mut send,
             &Frame::ChunkReply {
