@@ -50,7 +50,9 @@ pub struct TransportOptions {
 /// BBR is fairness: against Cubic flows on a shared bottleneck it tends to
 /// take more than an equal share. Seeds are bulk transfers that an operator
 /// bounds with `--max-rate`; pick `cubic` on a link shared with
-/// loss-sensitive traffic that must win.
+/// loss-sensitive traffic that must win. `Bbr` is quinn's BBR with Cubic's
+/// window beside it ([`crate::congestion`]), which fills a short path from
+/// the first round trip.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
     #[default]
@@ -116,9 +118,9 @@ impl TransportOptions {
         mtu.black_hole_cooldown(Duration::from_secs(10));
         t.mtu_discovery_config(Some(mtu));
         match self.congestion {
-            Congestion::Bbr => {
-                t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
-            }
+            Congestion::Bbr => t.congestion_controller_factory(Arc::new(
+                crate::congestion::BulkBbrConfig::default(),
+            )),
             Congestion::Cubic => {
                 t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
             }

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod congestion;
 pub mod dict;
 pub mod endpoint;
 pub mod follower;
