@@ -4,8 +4,10 @@
 //! follower (`ferry serve --follow`) that seeds over QUIC, catches up and
 //! goes live, and a write load through the leader's HTTP API. Phases:
 //!
-//! 1. idle: the load writes as fast as one client can for a few seconds
-//!    (the leader's idle write rate);
+//! 1. idle: once the compactions that opening the dataset started are
+//!    done, the load writes as fast as one client can for a few seconds
+//!    (the leader's idle write rate); the share of each window with a
+//!    RocksDB compaction running is reported beside the ratio;
 //! 2. seed: the follower starts; the same load runs during the whole seed
 //!    (the leader's write rate during a seed, against idle), until it is live;
 //! 3. live: the load at `--write-rate`; probes measure the time from a
@@ -280,14 +282,18 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     let follow = proxy.as_ref().map(|p| p.addr()).unwrap_or(leader_quic);
 
     // 2. Idle write rate.
+    settle_compactions(leader_http, Duration::from_secs(120));
+    let compactions = Compactions::start(leader_http);
     let load = Load::start(leader_http, None);
     phases.say("measuring the leader's idle write rate");
     std::thread::sleep(Duration::from_secs(3));
     let idle_rate = load.rate_since_mark();
+    let idle_compacting = compactions.share_since_mark();
 
     // 3. The follower seeds, catches up and goes live under the same load.
     phases.say("seeding the follower");
     load.mark();
+    compactions.mark();
     let l_cpu0 = leader.cpu_secs();
     let f_http = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
     let f_quic = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
@@ -308,11 +314,13 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     let mut f_rss_seed = 0;
     let mut l_cpu_seed = 0.0;
     let mut seed_rate = 0.0;
+    let mut seed_compacting = 0.0;
     let to_live = loop {
         let s = follower.status()?;
         if seed_report.is_null() && s["last_seed"].is_object() {
             seed_report = s["last_seed"].clone();
             seed_rate = load.rate_since_mark();
+            seed_compacting = compactions.share_since_mark();
             l_cpu_seed = leader.cpu_secs() - l_cpu0;
             f_cpu_seed = follower.cpu_secs();
             // The seed's own peak: before the write load reaches the new
@@ -413,6 +421,8 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_idle_writes_per_sec": idle_rate.round(),
         "leader_seed_writes_per_sec": seed_rate.round(),
         "leader_write_ratio": round(seed_rate / idle_rate.max(1e-9), 3),
+        "leader_idle_compacting_share": round(idle_compacting, 2),
+        "leader_seed_compacting_share": round(seed_compacting, 2),
         "leader_peak_rss_bytes": leader.peak_rss(),
         "follower_peak_rss_bytes": follower.peak_rss(),
         "follower_seed_peak_rss_bytes": f_rss_seed,
@@ -473,6 +483,14 @@ fn print_table(o: &Value) {
                 o["leader_seed_writes_per_sec"].as_f64().unwrap_or(0.0),
                 o["leader_idle_writes_per_sec"].as_f64().unwrap_or(0.0),
                 o["leader_write_ratio"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+        (
+            "leader compacting (share of the time)",
+            format!(
+                "{:.0}% of the seed, {:.0}% of the idle window",
+                o["leader_seed_compacting_share"].as_f64().unwrap_or(0.0) * 100.0,
+                o["leader_idle_compacting_share"].as_f64().unwrap_or(0.0) * 100.0,
             ),
         ),
         (
@@ -829,6 +847,106 @@ impl Load {
     }
 
     fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Samples the leader's running RocksDB compactions (its metrics) every
+/// 100 ms: a compaction that lands in the idle window or in the seed's
+/// moves the write ratio, whatever the seed does (BENCHMARKS.md §1).
+struct Compactions {
+    stop: Arc<AtomicBool>,
+    /// Milliseconds sampled, and of them with a compaction running.
+    sampled: Arc<(AtomicU64, AtomicU64)>,
+    mark: parking_lot::Mutex<(u64, u64)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Compactions {
+    const EVERY: Duration = Duration::from_millis(100);
+
+    fn start(http: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampled = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let thread = {
+            let (stop, sampled) = (Arc::clone(&stop), Arc::clone(&sampled));
+            std::thread::spawn(move || {
+                let agent = client::agent(Duration::from_secs(5));
+                let url = format!("http://{http}/metrics");
+                let mut last = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Self::EVERY);
+                    let running = compactions_running(&agent, &url);
+                    let ms = last.elapsed().as_millis() as u64;
+                    last = Instant::now();
+                    sampled.0.fetch_add(ms, Ordering::Relaxed);
+                    if running > 0.0 {
+                        sampled.1.fetch_add(ms, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Self {
+            stop,
+            sampled,
+            mark: parking_lot::Mutex::new((0, 0)),
+            thread: Some(thread),
+        }
+    }
+
+    fn mark(&self) {
+        *self.mark.lock() = (
+            self.sampled.0.load(Ordering::Relaxed),
+            self.sampled.1.load(Ordering::Relaxed),
+        );
+    }
+
+    /// The share of the time since the last mark with a compaction running.
+    fn share_since_mark(&self) -> f64 {
+        let (t, c) = *self.mark.lock();
+        let dt = self.sampled.0.load(Ordering::Relaxed) - t;
+        (self.sampled.1.load(Ordering::Relaxed) - c) as f64 / dt.max(1) as f64
+    }
+}
+
+/// The leader's running compactions, from its metrics (0 when unknown).
+fn compactions_running(agent: &ureq::Agent, url: &str) -> f64 {
+    agent
+        .get(url)
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_to_string().ok())
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("ferry_rocksdb_compactions_running"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits (at most `limit`) until the leader has run no compaction for a
+/// second: opening a freshly generated dataset starts compactions that a
+/// leader in service is not running, and they would slow the idle window.
+fn settle_compactions(http: SocketAddr, limit: Duration) {
+    let agent = client::agent(Duration::from_secs(5));
+    let url = format!("http://{http}/metrics");
+    let end = Instant::now() + limit;
+    let mut quiet = 0;
+    while quiet < 10 && Instant::now() < end {
+        std::thread::sleep(Compactions::EVERY);
+        quiet = if compactions_running(&agent, &url) > 0.0 {
+            0
+        } else {
+            quiet + 1
+        };
+    }
+}
+
+impl Drop for Compactions {
+    fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();

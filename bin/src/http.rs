@@ -786,6 +786,10 @@ async fn metrics(State(node): State<Shared>) -> Response {
     let c = |name: &'static str, v: u64| metrics::counter!(name, "node" => id.clone()).absolute(v);
     if let Some(store) = node.store() {
         g("ferry_latest_seq", store.latest_seq() as f64);
+        g(
+            "ferry_rocksdb_compactions_running",
+            store.compactions_running() as f64,
+        );
     }
     c("ferry_reseeds_total", node.reseeds.load(Ordering::SeqCst));
     c(

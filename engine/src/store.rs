@@ -375,6 +375,17 @@ impl Store {
         self.inner.db.latest_sequence_number()
     }
 
+    /// RocksDB's compactions running now (`rocksdb.num-running-compactions`;
+    /// 0 if RocksDB does not say).
+    pub fn compactions_running(&self) -> u64 {
+        self.inner
+            .db
+            .property_int_value("rocksdb.num-running-compactions")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// The live feed of batches committed through this handle.
     pub fn feed(&self) -> &Feed {
         &self.inner.feed
