@@ -1886,9 +1886,11 @@ impl Registry {
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
 /// sync. Any other tick raises it by a twentieth of the ceiling
-/// (`busy_max_rate`). A seed that starts while the store takes writes
-/// starts at a quarter of the ceiling and grows. So a seed takes what the
-/// foreground leaves free and no more.
+/// (`busy_max_rate`), or by a quarter of that within 15 % of the rate at
+/// which the last run of cuts began: latency answers a tick or two late,
+/// and full steps there overshot into 30 ms writes. A seed that starts
+/// while the store takes writes starts at a quarter of the ceiling and
+/// grows. So a seed takes what the foreground leaves free and no more.
 struct BusyControl {
     limiter: RateLimiter,
     ceiling: f64,
@@ -1903,6 +1905,11 @@ struct BusyState {
     cpu: Option<CpuTimes>,
     /// Whether a seed ran under writes at the last tick.
     seeding: bool,
+    /// The seed rate when the last run of cuts of this seed began (0
+    /// before any): growth slows near it.
+    last_cut: f64,
+    /// Whether the last tick cut.
+    cutting: bool,
 }
 
 /// Busy and total jiffies of the host, from `/proc/stat`.
@@ -1943,6 +1950,9 @@ impl BusyControl {
     /// idle write rate in five runs (issue 9 asks for 0.8 in every run).
     const START: f64 = 0.25;
     const STEP: f64 = 0.05;
+    /// Growth slows to a quarter step from this fraction of the rate at
+    /// which the seed's last run of cuts began to that rate over it.
+    const NEAR: f64 = 0.85;
 
     fn new(ceiling: u64) -> Self {
         metrics::gauge!("ferry_seed_busy_rate_bytes").set(ceiling as f64);
@@ -1958,7 +1968,7 @@ impl BusyControl {
     }
 
     fn tick_with(&self, latency: Option<(Duration, u64)>, seeding: bool, cpu: Option<CpuTimes>) {
-        let (slow, saturated, started) = {
+        let (slow, saturated, started, mut st) = {
             let mut st = self.state.lock();
             let saturated = match (st.cpu, cpu) {
                 (Some(a), Some(b)) if b.total > a.total => {
@@ -1990,7 +2000,11 @@ impl BusyControl {
             };
             let started = seeding && !st.seeding;
             st.seeding = seeding;
-            (slow, saturated, started)
+            if started {
+                st.last_cut = 0.0;
+                st.cutting = false;
+            }
+            (slow, saturated, started, st)
         };
         if !seeding {
             return;
@@ -2002,10 +2016,24 @@ impl BusyControl {
             self.limiter.rate()
         };
         let next = if slow || saturated {
+            if !st.cutting {
+                st.last_cut = rate;
+            }
+            st.cutting = true;
             (rate * 0.8).max(floor)
         } else {
-            (rate + self.ceiling * Self::STEP).min(self.ceiling)
+            st.cutting = false;
+            // Near the rate that last hurt the writes, grow by a quarter
+            // step: latency answers a tick or two late, and full steps
+            // overshot into 30 ms writes.
+            let step = self.ceiling * Self::STEP;
+            let near = st.last_cut > 0.0
+                && rate + step > st.last_cut * Self::NEAR
+                && rate < st.last_cut / Self::NEAR;
+            let step = if near { step / 4.0 } else { step };
+            (rate + step).min(self.ceiling)
         };
+        drop(st);
         tracing::debug!(
             latency_us = latency.map(|(l, _)| l.as_micros() as u64),
             slow,
@@ -2481,12 +2509,20 @@ mod tests {
             b.tick_with(ms(2), true, cpu(100, 200));
         }
         assert_eq!(b.limiter.rate(), BusyControl::FLOOR);
-        // Writes are healthy again: it grows back to the ceiling.
+        // Writes are healthy again: it grows back, by quarter steps around
+        // 25 MiB/s, where the cuts began (latency answers late, and full
+        // steps overshot), then by full steps to the ceiling.
         let mut t = 200;
-        for _ in 0..20 {
+        let mut rates = Vec::new();
+        for _ in 0..30 {
             t += 100;
             b.tick_with(ms(1), true, cpu(t / 2, t));
+            rates.push(b.limiter.rate() / MB);
         }
+        let steps: Vec<f64> = rates.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(steps[..2].iter().all(|&s| s == 5.0), "{rates:?}");
+        assert!(steps[4..8].iter().all(|&s| s == 1.25), "{rates:?}");
+        assert!(steps[12..16].iter().all(|&s| s == 5.0), "{rates:?}");
         assert_eq!(b.limiter.rate(), 100.0 * MB);
         // A host with no idle CPU cuts it even while latency looks fine.
         t += 100;
