@@ -17,25 +17,43 @@ fn leader_with_data(mb: usize, serve: ServeOptions) -> TestLeader {
     leader
 }
 
+/// A proxy with `imp` in front of `leader`, and a seed config through it.
+async fn through_proxy(
+    leader: &TestLeader,
+    imp: Impairments,
+    target: &std::path::Path,
+) -> (Proxy, ferry_transfer::SeedConfig) {
+    let proxy = Proxy::start("127.0.0.1:0".parse().expect("addr"), leader.addr, imp)
+        .await
+        .expect("proxy");
+    let mut cfg = leader.seed_config(target);
+    cfg.leader = proxy.addr();
+    (proxy, cfg)
+}
+
+/// The seeded copy opens and matches the leader's checkpoint at `seq`.
+fn assert_seeded(target: &std::path::Path, leader: &TestLeader, seq: u64) {
+    assert_eq!(
+        Store::open_read_only(target)
+            .expect("the seeded copy opens")
+            .digest()
+            .expect("digest"),
+        leader.checkpoint_digest(seq)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seed_over_loss_duplicates_bit_flips_and_reordering_verifies() {
     let leader = leader_with_data(24, ServeOptions::default());
-    let proxy = Proxy::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        leader.addr,
-        Impairments {
-            loss: 0.03,
-            duplicate: 0.01,
-            corrupt: 0.01,
-            delay: Duration::from_millis(5),
-            jitter: Duration::from_millis(3),
-        },
-    )
-    .await
-    .expect("proxy");
     let target = tempfile::tempdir().expect("tempdir");
-    let mut cfg = leader.seed_config(target.path());
-    cfg.leader = proxy.addr();
+    let imp = Impairments {
+        loss: 0.03,
+        duplicate: 0.01,
+        corrupt: 0.01,
+        delay: Duration::from_millis(5),
+        jitter: Duration::from_millis(3),
+    };
+    let (proxy, cfg) = through_proxy(&leader, imp, target.path()).await;
     let report = ferry_transfer::seed(cfg)
         .await
         .expect("seed over a bad path");
@@ -48,13 +66,7 @@ async fn a_seed_over_loss_duplicates_bit_flips_and_reordering_verifies() {
         st.corrupted.load(Relaxed),
         st.duplicated.load(Relaxed)
     );
-    assert_eq!(
-        Store::open_read_only(target.path())
-            .expect("the seeded copy opens")
-            .digest()
-            .expect("digest"),
-        leader.checkpoint_digest(report.seq)
-    );
+    assert_seeded(target.path(), &leader, report.seq);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,16 +79,8 @@ async fn a_seed_across_a_blackout_longer_than_the_peer_timeout_resumes() {
             ..ServeOptions::default()
         },
     );
-    let proxy = Proxy::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        leader.addr,
-        Impairments::default(),
-    )
-    .await
-    .expect("proxy");
     let target = tempfile::tempdir().expect("tempdir");
-    let mut cfg = leader.seed_config(target.path());
-    cfg.leader = proxy.addr();
+    let (proxy, mut cfg) = through_proxy(&leader, Impairments::default(), target.path()).await;
     cfg.parallel = 2;
     cfg.transport = cfg
         .transport
@@ -111,13 +115,7 @@ async fn a_seed_across_a_blackout_longer_than_the_peer_timeout_resumes() {
         report.chunks_fetched <= report.chunks_total + 2 * 2,
         "{report:?}"
     );
-    assert_eq!(
-        Store::open_read_only(target.path())
-            .expect("opens")
-            .digest()
-            .expect("digest"),
-        leader.checkpoint_digest(report.seq)
-    );
+    assert_seeded(target.path(), &leader, report.seq);
 }
 
 /// On a sub-millisecond path (loopback here, a LAN in the field) quinn's
@@ -194,19 +192,12 @@ async fn compressed_chunks_fill_a_long_path_like_raw_ones() {
             ..ServeOptions::default()
         },
     );
-    let proxy = Proxy::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        leader.addr,
-        Impairments {
-            delay: Duration::from_millis(20),
-            ..Impairments::default()
-        },
-    )
-    .await
-    .expect("proxy");
     let target = tempfile::tempdir().expect("tempdir");
-    let mut cfg = leader.seed_config(target.path());
-    cfg.leader = proxy.addr();
+    let imp = Impairments {
+        delay: Duration::from_millis(20),
+        ..Impairments::default()
+    };
+    let (_proxy, cfg) = through_proxy(&leader, imp, target.path()).await;
     let report = ferry_transfer::seed(cfg).await.expect("seed");
     let st = &leader.server.stats;
     assert!(
@@ -218,11 +209,5 @@ async fn compressed_chunks_fill_a_long_path_like_raw_ones() {
         peak >= 8,
         "at most {peak} compressed chunks were on the wire at once (the follower asks for 16)"
     );
-    assert_eq!(
-        Store::open_read_only(target.path())
-            .expect("the seeded copy opens")
-            .digest()
-            .expect("digest"),
-        leader.checkpoint_digest(report.seq)
-    );
+    assert_seeded(target.path(), &leader, report.seq);
 }
