@@ -181,7 +181,8 @@ async fn a_bulk_sender_on_a_short_path_opens_its_window_from_the_start() {
 /// Compression is limited to one chunk per core at a time, but a chunk's
 /// permit must cover its encoding only. Held until the peer had the chunk,
 /// it let two chunks be in flight, and a compressed seed across a 150 ms
-/// path ran at a third of its speed.
+/// path ran at a third of its speed. (There is a permit per core: on a
+/// machine with eight or more cores the old permit would pass this test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compressed_chunks_fill_a_long_path_like_raw_ones() {
     use std::sync::atomic::Ordering::Relaxed;
