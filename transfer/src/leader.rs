@@ -1411,8 +1411,9 @@ impl Server {
         };
         let compression = self.opts.compression;
         // One chunk compressed per core at a time (for the network, or
-        // always by the operator's choice); the permit covers the encoding only, never the sending (holding it until the peer had
-        // the chunk let two chunks be in flight on a long path).
+        // always by the operator's choice). The permit covers the encoding
+        // only, never the sending: held until the peer had the chunk, it
+        // let two chunks be in flight on a long path.
         let encoder = match (network, compression) {
             (Some(_), _) | (_, Compression::Always { .. }) => self.encoders.acquire().await.ok(),
             _ => None,
@@ -1968,44 +1969,41 @@ impl BusyControl {
     }
 
     fn tick_with(&self, latency: Option<(Duration, u64)>, seeding: bool, cpu: Option<CpuTimes>) {
-        let (slow, saturated, started, mut st) = {
-            let mut st = self.state.lock();
-            let saturated = match (st.cpu, cpu) {
-                (Some(a), Some(b)) if b.total > a.total => {
-                    let idle = (b.idle.saturating_sub(a.idle)) as f64 / (b.total - a.total) as f64;
-                    idle < 0.10
-                }
-                _ => false,
-            };
-            st.cpu = cpu;
-            let slow = match latency {
-                Some((lat, n)) if n >= Self::MIN_WRITES => {
-                    let lat = lat.as_nanos() as f64;
-                    if st.idle_latency == 0.0 {
-                        st.idle_latency = lat;
-                    } else if !seeding {
-                        st.idle_latency += (lat - st.idle_latency) / 10.0;
-                    }
-                    lat > st.idle_latency * Self::SLOW
-                }
-                // Few writes finished, and slowly: writes stalled behind a
-                // sync, the worst kind of tick. (Counted as healthy, a seed
-                // of db_bench data grew through ticks of 38 and 62 ms
-                // writes, against 2 ms idle.) A sparse writer, which never
-                // fills a tick, has no baseline and steers nothing.
-                Some((lat, _)) if st.idle_latency > 0.0 => {
-                    lat.as_nanos() as f64 > st.idle_latency * Self::SLOW
-                }
-                _ => false,
-            };
-            let started = seeding && !st.seeding;
-            st.seeding = seeding;
-            if started {
-                st.last_cut = 0.0;
-                st.cutting = false;
+        let mut st = self.state.lock();
+        let saturated = match (st.cpu, cpu) {
+            (Some(a), Some(b)) if b.total > a.total => {
+                let idle = (b.idle.saturating_sub(a.idle)) as f64 / (b.total - a.total) as f64;
+                idle < 0.10
             }
-            (slow, saturated, started, st)
+            _ => false,
         };
+        st.cpu = cpu;
+        let slow = match latency {
+            Some((lat, n)) if n >= Self::MIN_WRITES => {
+                let lat = lat.as_nanos() as f64;
+                if st.idle_latency == 0.0 {
+                    st.idle_latency = lat;
+                } else if !seeding {
+                    st.idle_latency += (lat - st.idle_latency) / 10.0;
+                }
+                lat > st.idle_latency * Self::SLOW
+            }
+            // Few writes finished, and slowly: writes stalled behind a
+            // sync, the worst kind of tick. (Counted as healthy, a seed
+            // of db_bench data grew through ticks of 38 and 62 ms
+            // writes, against 2 ms idle.) A sparse writer, which never
+            // fills a tick, has no baseline and steers nothing.
+            Some((lat, _)) if st.idle_latency > 0.0 => {
+                lat.as_nanos() as f64 > st.idle_latency * Self::SLOW
+            }
+            _ => false,
+        };
+        let started = seeding && !st.seeding;
+        st.seeding = seeding;
+        if started {
+            st.last_cut = 0.0;
+            st.cutting = false;
+        }
         if !seeding {
             return;
         }
