@@ -14,7 +14,7 @@ fn main() {
         .cpp(true)
         .file("cxx/sst_verify.cc")
         .include(root.join("rocksdb/include"))
-        .flag("-std=c++17")
+        .flag("-std=c++20")
         .flag_if_supported("-Wno-unused-parameter")
         .define("NDEBUG", Some("1"))
         .compile("ferry_sst_verify");

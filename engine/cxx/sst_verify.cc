@@ -1,5 +1,5 @@
 // Block-checksum verification of one SST file, through RocksDB's own
-// table reader. RocksDB's C API has no such call (10.4), so this is the one
+// table reader. RocksDB's C API has no such call (11.8), so this is the one
 // piece of C++ in ferry: `SstFileReader::VerifyChecksum` reads every block
 // of the file (data, index, filter, properties, range deletions) and checks
 // its trailer checksum, whatever the checksum type and format version.

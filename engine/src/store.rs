@@ -32,6 +32,11 @@ use crate::manifest::{build_manifest, HashCache, HashStats, Manifest, DEFAULT_CH
 
 pub use crate::paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
 const CHECKPOINTS: &str = "checkpoints";
+/// Checkpoints are built under this prefix and renamed to `cp-…` once
+/// complete; leftovers of a crash are removed when the store next opens.
+const CHECKPOINT_TMP: &str = "tmp-";
+/// `log_size_for_flush` that never flushes the memtable for a checkpoint.
+const CHECKPOINT_NEVER_FLUSH: u64 = u64::MAX;
 
 /// How a store is opened.
 #[derive(Debug, Clone)]
@@ -259,6 +264,10 @@ impl Store {
         table.set_format_version(5);
         o.set_block_based_table_factory(&table);
         let db = DB::open(&o, &path).map_err(rocks(&path))?;
+        // The database's lock is held now, so no other process is building
+        // a checkpoint here: unfinished ones are a crash's leftovers, and
+        // their hard links would keep compacted SSTs on disk for ever.
+        remove_unfinished_checkpoints(&ferry_dir(&path).join(CHECKPOINTS))?;
         Ok(Self::from_db(db, path, opts, false))
     }
 
@@ -916,11 +925,24 @@ impl Store {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        let tmp = dir.join(format!("tmp-{nanos}-{}", std::process::id()));
+        let tmp = dir.join(format!("{CHECKPOINT_TMP}{nanos}-{}", std::process::id()));
+        // Without a flush: the memtable's writes reach the checkpoint as a
+        // copy of the live WAL, replayed when the checkpoint is opened. A
+        // flush would write a new L0 file, and on a loaded leader that file
+        // starts a compaction which then competes with the seed and the
+        // leader's own writes (BENCHMARKS.md §1). The live WAL is bounded
+        // by the memtables it backs.
         rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
-            .and_then(|c| c.create_checkpoint(&tmp))
+            .and_then(|c| c.create_checkpoint_with_log_size(&tmp, CHECKPOINT_NEVER_FLUSH))
             .map_err(rocks(&tmp))?;
-        let seq = match read_only_seq(&tmp) {
+        let seq = read_only_seq(&tmp).and_then(|seq| {
+            // The copied WAL may hold writes the leader has not synced yet.
+            // Sync them before the checkpoint is named, so that no follower
+            // is seeded with a write a power cut could take from the leader.
+            self.sync_wal()?;
+            Ok(seq)
+        });
+        let seq = match seq {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
@@ -1108,6 +1130,23 @@ impl Iterator for WalIter {
         }
         r
     }
+}
+
+/// Removes the checkpoints in `dir` that were never completed.
+fn remove_unfinished_checkpoints(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io("read directory", dir))? {
+        let entry = entry.map_err(io("read directory", dir))?;
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(CHECKPOINT_TMP))
+        {
+            let path = entry.path();
+            tracing::info!(path = %path.display(), "removing an unfinished checkpoint");
+            std::fs::remove_dir_all(&path).map_err(io("remove", &path))?;
+        }
+    }
+    Ok(())
 }
 
 /// Lists the checkpoints under the data directory `data`, oldest first.

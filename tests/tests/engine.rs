@@ -110,6 +110,66 @@ fn wal_catch_up_from_a_checkpoint_reaches_the_leader_digest() {
     assert_eq!(follower.digest().unwrap(), leader.digest().unwrap());
 }
 
+/// The `.sst` files directly in `dir`.
+fn tables(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sst"))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_checkpoint_takes_the_memtable_from_the_wal_without_flushing_it() {
+    let (_d, leader) = temp_store(opts());
+    fill(&leader, 1000, 11);
+    leader.flush().unwrap();
+    // These stay in the memtable: a flush for the checkpoint would write
+    // them to a new L0 table, and that table can start a compaction.
+    fill(&leader, 1000, 12);
+    let before = tables(leader.path());
+    let cp = leader.checkpoint().unwrap();
+    assert_eq!(
+        tables(leader.path()),
+        before,
+        "the checkpoint flushed the memtable"
+    );
+    assert_eq!(tables(&cp.path), before);
+    let wal: u64 = std::fs::read_dir(&cp.path)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    assert!(wal > 0, "the checkpoint holds no WAL");
+    // Opened elsewhere, the checkpoint replays its WAL to the leader's state.
+    assert_eq!(cp.seq, leader.latest_seq());
+    let fdir = tempfile::tempdir().unwrap();
+    copy_files(&cp.path, fdir.path());
+    let follower = Store::open(fdir.path(), opts()).unwrap();
+    assert_eq!(follower.latest_seq(), cp.seq);
+    assert_eq!(follower.digest().unwrap(), leader.digest().unwrap());
+}
+
+#[test]
+fn opening_a_store_removes_a_checkpoint_a_crash_left_unfinished() {
+    let (d, store) = temp_store(opts());
+    fill(&store, 200, 13);
+    let done = store.checkpoint().unwrap();
+    let unfinished = done.path.parent().unwrap().join("tmp-1-1");
+    std::fs::create_dir(&unfinished).unwrap();
+    std::fs::write(unfinished.join("000001.sst"), b"half a checkpoint").unwrap();
+    drop(store);
+    let store = Store::open(d.path(), opts()).unwrap();
+    assert!(
+        !unfinished.exists(),
+        "the unfinished checkpoint is still there"
+    );
+    assert_eq!(store.checkpoints().unwrap(), vec![done]);
+}
+
 #[test]
 fn wal_reader_batches_are_contiguous_and_match_the_feed() {
     let (_d, store) = temp_store(opts());
