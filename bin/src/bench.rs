@@ -5,8 +5,9 @@
 //! goes live, and a write load through the leader's HTTP API. Phases:
 //!
 //! 1. idle: once the compactions that opening the dataset started are
-//!    done, the load writes as fast as one client can for a few seconds
-//!    (the leader's idle write rate); the share of each window with a
+//!    done, the load writes as fast as one client can for `--idle-secs`
+//!    (the leader's idle write rate, long enough to include the flushes
+//!    and compactions the load causes); the share of each window with a
 //!    RocksDB compaction running is reported beside the ratio;
 //! 2. seed: the follower starts; the same load runs during the whole seed
 //!    (the leader's write rate during a seed, against idle), until it is live;
@@ -51,6 +52,12 @@ pub struct BenchArgs {
     /// Keys per second of the write load in the live and catch-up phases.
     #[arg(long, env = "FERRY_WRITE_RATE", default_value_t = 5000)]
     write_rate: u64,
+    /// Seconds of the idle window. It must hold the memtable flushes and
+    /// the compactions they start that the same load causes during a seed
+    /// (about one flush per 10 s here): a window of a few seconds measures
+    /// the memtable alone, a rate the leader cannot sustain.
+    #[arg(long, env = "FERRY_IDLE_SECS", default_value_t = 20)]
+    idle_secs: u64,
     /// Seconds of the live phase (lag measurement).
     #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
     live_secs: u64,
@@ -286,7 +293,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     let compactions = Compactions::start(leader_http);
     let load = Load::start(leader_http, None);
     phases.say("measuring the leader's idle write rate");
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
     let idle_rate = load.rate_since_mark();
     let idle_compacting = compactions.share_since_mark();
 
@@ -418,6 +425,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "catchup_backlog_seqs": applied,
         "catchup_secs": round(catchup_secs, 3),
         "catchup_ratio": round(catchup_ratio, 2),
+        "leader_idle_secs": args.idle_secs.max(1),
         "leader_idle_writes_per_sec": idle_rate.round(),
         "leader_seed_writes_per_sec": seed_rate.round(),
         "leader_write_ratio": round(seed_rate / idle_rate.max(1e-9), 3),
@@ -488,9 +496,10 @@ fn print_table(o: &Value) {
         (
             "leader compacting (share of the time)",
             format!(
-                "{:.0}% of the seed, {:.0}% of the idle window",
+                "{:.0}% of the seed, {:.0}% of the {} s idle window",
                 o["leader_seed_compacting_share"].as_f64().unwrap_or(0.0) * 100.0,
                 o["leader_idle_compacting_share"].as_f64().unwrap_or(0.0) * 100.0,
+                o["leader_idle_secs"].as_u64().unwrap_or(0),
             ),
         ),
         (
