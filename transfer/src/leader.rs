@@ -1886,7 +1886,8 @@ impl Registry {
 /// the seed's reading, compression and encryption compete with the writes
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
-/// sync. Any other tick raises it by a twentieth of the ceiling
+/// sync. Writes far over the threshold cut deeper, to the threshold's
+/// share of their latency and at most by half. Any other tick raises it by a twentieth of the ceiling
 /// (`busy_max_rate`), or by a quarter of that within 15 % of the rate at
 /// which the last run of cuts began: latency answers a tick or two late,
 /// and full steps there overshot into 30 ms writes. A seed that starts
@@ -1945,6 +1946,9 @@ impl BusyControl {
     const MIN_WRITES: u64 = 5;
     /// Write latency over its idle mean that counts as suffering.
     const SLOW: f64 = 1.15;
+    /// What a cut keeps of the seed rate, and the most it takes.
+    const CUT: f64 = 0.8;
+    const DEEPEST_CUT: f64 = 0.5;
     /// Where a seed under writes starts, and what a healthy tick adds, as
     /// fractions of the ceiling. With a seed starting at the ceiling and
     /// growing by a tenth a tick, `ferry bench` kept 0.63-0.90x of the
@@ -1978,7 +1982,10 @@ impl BusyControl {
             _ => false,
         };
         st.cpu = cpu;
-        let slow = match latency {
+        // How far over the threshold the writes were: 1 when they were
+        // not, and the share the threshold is of their latency when they
+        // were (0.5 for writes twice as slow as the threshold).
+        let within = match latency {
             Some((lat, n)) if n >= Self::MIN_WRITES => {
                 let lat = lat.as_nanos() as f64;
                 if st.idle_latency == 0.0 {
@@ -1986,7 +1993,7 @@ impl BusyControl {
                 } else if !seeding {
                     st.idle_latency += (lat - st.idle_latency) / 10.0;
                 }
-                lat > st.idle_latency * Self::SLOW
+                (st.idle_latency * Self::SLOW / lat).min(1.0)
             }
             // Few writes finished, and slowly: writes stalled behind a
             // sync, the worst kind of tick. (Counted as healthy, a seed
@@ -1994,10 +2001,11 @@ impl BusyControl {
             // writes, against 2 ms idle.) A sparse writer, which never
             // fills a tick, has no baseline and steers nothing.
             Some((lat, _)) if st.idle_latency > 0.0 => {
-                lat.as_nanos() as f64 > st.idle_latency * Self::SLOW
+                (st.idle_latency * Self::SLOW / lat.as_nanos() as f64).min(1.0)
             }
-            _ => false,
+            _ => 1.0,
         };
+        let slow = within < 1.0;
         let started = seeding && !st.seeding;
         st.seeding = seeding;
         if started {
@@ -2018,7 +2026,10 @@ impl BusyControl {
                 st.last_cut = rate;
             }
             st.cutting = true;
-            (rate * 0.8).max(floor)
+            // A fifth off, and up to half when the writes were far over:
+            // they answer a tick or two late, so cutting a fifth a tick
+            // after a spike left several more ticks of slow writes.
+            (rate * within.clamp(Self::DEEPEST_CUT, Self::CUT)).max(floor)
         } else {
             st.cutting = false;
             // Near the rate that last hurt the writes, grow by a quarter
@@ -2500,9 +2511,11 @@ mod tests {
         b.tick_with(ms(1), false, cpu(50, 100));
         assert_eq!(b.limiter.rate(), 100.0 * MB);
         // A seed starts at a quarter of the ceiling. It slows the writes
-        // down: the rate is cut, to the floor at most.
+        // down: the rate is cut, to the floor at most. Writes at 2 ms,
+        // against a threshold of 1.15 ms, keep 1.15/2 of the rate.
         b.tick_with(ms(2), true, cpu(100, 200));
-        assert_eq!(b.limiter.rate(), 20.0 * MB);
+        let cut = b.limiter.rate() / (25.0 * MB);
+        assert!((cut - 0.575).abs() < 1e-9, "{cut}");
         for _ in 0..50 {
             b.tick_with(ms(2), true, cpu(100, 200));
         }
@@ -2534,17 +2547,18 @@ mod tests {
             cpu(t / 2, t),
         );
         assert_eq!(b.limiter.rate(), 64.0 * MB);
-        // Few writes that stalled cut it too.
+        // Few writes that stalled cut it too, by half (the deepest cut)
+        // since they took 60 ms.
         let few = |m: u64| Some((Duration::from_millis(m), 2));
         t += 100;
         b.tick_with(few(60), true, cpu(t / 2, t));
-        assert_eq!(b.limiter.rate(), 51.2 * MB);
+        assert_eq!(b.limiter.rate(), 32.0 * MB);
         // Few fast writes, or none, grow it.
         t += 100;
         b.tick_with(few(1), true, cpu(t / 2, t));
         t += 100;
         b.tick_with(None, true, cpu(t / 2, t));
-        assert_eq!(b.limiter.rate(), 61.2 * MB);
+        assert_eq!(b.limiter.rate(), 42.0 * MB);
         // The next seed starts low again, and grows while writes are fine.
         b.tick_with(ms(1), false, cpu(t / 2, t));
         t += 100;
