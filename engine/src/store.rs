@@ -935,14 +935,10 @@ impl Store {
         rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
             .and_then(|c| c.create_checkpoint_with_log_size(&tmp, CHECKPOINT_NEVER_FLUSH))
             .map_err(rocks(&tmp))?;
-        let seq = read_only_seq(&tmp).and_then(|seq| {
-            // The copied WAL may hold writes the leader has not synced yet.
-            // Sync them before the checkpoint is named, so that no follower
-            // is seeded with a write a power cut could take from the leader.
-            self.sync_wal()?;
-            Ok(seq)
-        });
-        let seq = match seq {
+        // The copied WAL may hold writes the leader has not synced yet. Sync
+        // them before the checkpoint is named, so that no follower is seeded
+        // with a write a power cut could take from the leader.
+        let seq = match read_only_seq(&tmp).and_then(|seq| self.sync_wal().map(|()| seq)) {
             Ok(s) => s,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);

@@ -1887,12 +1887,13 @@ impl Registry {
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
 /// sync. Writes far over the threshold cut deeper, to the threshold's
-/// share of their latency and at most by half. Any other tick raises it by a twentieth of the ceiling
-/// (`busy_max_rate`), or by a quarter of that within 15 % of the rate at
-/// which the last run of cuts began: latency answers a tick or two late,
-/// and full steps there overshot into 30 ms writes. A seed that starts
-/// while the store takes writes starts at a quarter of the ceiling and
-/// grows. So a seed takes what the foreground leaves free and no more.
+/// share of their latency and at most by half. Any other tick raises it by
+/// a twentieth of the ceiling (`busy_max_rate`), or by a quarter of that
+/// within 15 % of the rate at which the last run of cuts began: latency
+/// answers a tick or two late, and full steps there overshot into 30 ms
+/// writes. A seed that starts while the store takes writes starts at a
+/// quarter of the ceiling and grows. So a seed takes what the foreground
+/// leaves free and no more.
 struct BusyControl {
     limiter: RateLimiter,
     ceiling: f64,
@@ -1982,10 +1983,8 @@ impl BusyControl {
             _ => false,
         };
         st.cpu = cpu;
-        // How far over the threshold the writes were: 1 when they were
-        // not, and the share the threshold is of their latency when they
-        // were (0.5 for writes twice as slow as the threshold).
-        let within = match latency {
+        // The tick's mean write latency, when it steers the seed.
+        let steering = match latency {
             Some((lat, n)) if n >= Self::MIN_WRITES => {
                 let lat = lat.as_nanos() as f64;
                 if st.idle_latency == 0.0 {
@@ -1993,18 +1992,20 @@ impl BusyControl {
                 } else if !seeding {
                     st.idle_latency += (lat - st.idle_latency) / 10.0;
                 }
-                (st.idle_latency * Self::SLOW / lat).min(1.0)
+                Some(lat)
             }
             // Few writes finished, and slowly: writes stalled behind a
             // sync, the worst kind of tick. (Counted as healthy, a seed
             // of db_bench data grew through ticks of 38 and 62 ms
             // writes, against 2 ms idle.) A sparse writer, which never
             // fills a tick, has no baseline and steers nothing.
-            Some((lat, _)) if st.idle_latency > 0.0 => {
-                (st.idle_latency * Self::SLOW / lat.as_nanos() as f64).min(1.0)
-            }
-            _ => 1.0,
+            Some((lat, _)) if st.idle_latency > 0.0 => Some(lat.as_nanos() as f64),
+            _ => None,
         };
+        // How far over the threshold the writes were: 1 when they were
+        // not, and the share the threshold is of their latency when they
+        // were (0.5 for writes twice as slow as the threshold).
+        let within = steering.map_or(1.0, |lat| (st.idle_latency * Self::SLOW / lat).min(1.0));
         let slow = within < 1.0;
         let started = seeding && !st.seeding;
         st.seeding = seeding;
