@@ -1454,12 +1454,17 @@ impl Server {
             data = Bytes::from(v);
         }
         if let Some(l) = &self.limiter {
-            l.acquire(data.len() as u64).await;
+            l.acquire(data.len() as u64, || {}).await;
         }
         if let (Some(b), true) = (&self.busy, self.taking_writes()) {
-            if b.limiter.acquire(data.len() as u64).await {
-                link.held_for_foreground.store(true, Ordering::Relaxed);
-            }
+            // Marked at every look while held, not once released: a tick
+            // in which a chunk only waited measured the foreground, not the
+            // link.
+            b.limiter
+                .acquire(data.len() as u64, || {
+                    link.held_for_foreground.store(true, Ordering::Relaxed)
+                })
+                .await;
         }
         *link.sent.lock() += Encoding {
             raw: u64::from(raw_len),
@@ -2081,28 +2086,36 @@ impl RateLimiter {
         self.rate.store(rate.max(1.0).to_bits(), Ordering::Relaxed);
     }
 
-    /// Takes `n` bytes' worth of tokens, waiting for them if need be.
-    /// Returns whether it waited: the limit held the sender back.
-    async fn acquire(&self, n: u64) -> bool {
-        let rate = self.rate();
-        let wait = {
-            let mut s = self.state.lock();
-            let now = Instant::now();
-            // Allow a burst of a quarter second.
-            let burst = rate / 4.0;
-            s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
-            s.1 = now;
-            s.0 -= n as f64;
-            if s.0 < 0.0 {
-                Duration::from_secs_f64(-s.0 / rate)
-            } else {
-                Duration::ZERO
-            }
-        };
-        if !wait.is_zero() {
+    /// How often a waiting sender looks at the bucket again.
+    const POLL: Duration = Duration::from_millis(20);
+
+    /// Takes `n` bytes' worth of tokens. A taker may leave the bucket in
+    /// debt by its own size; the next waits until the debt is paid, and
+    /// calls `holding` before each wait. A waiter looks again at least
+    /// every [`RateLimiter::POLL`], so a new rate applies to waiting
+    /// senders at once: a wait computed once, at the rate of a deep cut,
+    /// kept a seed's chunks queued for seconds after the busy control had
+    /// raised the rate eightfold, and the prober read those seconds as a
+    /// link that carried nothing.
+    async fn acquire(&self, n: u64, mut holding: impl FnMut()) {
+        loop {
+            let wait = {
+                let rate = self.rate();
+                let mut s = self.state.lock();
+                let now = Instant::now();
+                // Allow a burst of a quarter second.
+                let burst = rate / 4.0;
+                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
+                s.1 = now;
+                if s.0 >= 0.0 {
+                    s.0 -= n as f64;
+                    return;
+                }
+                Duration::from_secs_f64(-s.0 / rate).min(Self::POLL)
+            };
+            holding();
             tokio::time::sleep(wait).await;
         }
-        !wait.is_zero()
     }
 }
 
@@ -2482,6 +2495,35 @@ mod tests {
             assert!(!p.tick(Sample::default(), false));
         }
         assert_eq!(p.phase, Phase::Raw);
+    }
+
+    #[tokio::test]
+    async fn a_held_sender_is_marked_while_it_waits_and_a_raised_rate_frees_it_at_once() {
+        // At 1 MiB/s a first 2 MiB chunk leaves the bucket 2 MiB in debt:
+        // the next would wait 2 s at that rate.
+        let l = Arc::new(RateLimiter::new(1 << 20));
+        l.acquire(2 << 20, || {}).await;
+        let held = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let waiter = tokio::spawn({
+            let (l, held) = (Arc::clone(&l), Arc::clone(&held));
+            async move {
+                l.acquire(2 << 20, || held.store(true, Ordering::Relaxed))
+                    .await
+            }
+        });
+        // Every tick it waits through reads as held, not only the tick in
+        // which it is let go (the prober measures nothing in those).
+        for tick in 0..3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(held.swap(false, Ordering::Relaxed), "tick {tick}");
+        }
+        // The busy control raises the rate: the waiting chunk goes now, not
+        // when the old rate would have let it.
+        l.set_rate(1024.0 * 1024.0 * 1024.0);
+        waiter.await.unwrap();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(1), "{took:?}");
     }
 
     #[test]
