@@ -290,12 +290,13 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
 
     // 2. Idle write rate.
     settle_compactions(leader_http, Duration::from_secs(120));
-    let compactions = Compactions::start(leader_http);
     let load = Load::start(leader_http, None);
+    let compactions = Compactions::start(leader_http, Arc::clone(&load.written));
     phases.say("measuring the leader's idle write rate");
     std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
     let idle_rate = load.rate_since_mark();
     let idle_compacting = compactions.share_since_mark();
+    let idle_quiet_rate = compactions.quiet_rate_since_mark();
 
     // 3. The follower seeds, catches up and goes live under the same load.
     phases.say("seeding the follower");
@@ -322,12 +323,14 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     let mut l_cpu_seed = 0.0;
     let mut seed_rate = 0.0;
     let mut seed_compacting = 0.0;
+    let mut seed_quiet_rate = None;
     let to_live = loop {
         let s = follower.status()?;
         if seed_report.is_null() && s["last_seed"].is_object() {
             seed_report = s["last_seed"].clone();
             seed_rate = load.rate_since_mark();
             seed_compacting = compactions.share_since_mark();
+            seed_quiet_rate = compactions.quiet_rate_since_mark();
             l_cpu_seed = leader.cpu_secs() - l_cpu0;
             f_cpu_seed = follower.cpu_secs();
             // The seed's own peak: before the write load reaches the new
@@ -431,6 +434,11 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_write_ratio": round(seed_rate / idle_rate.max(1e-9), 3),
         "leader_idle_compacting_share": round(idle_compacting, 2),
         "leader_seed_compacting_share": round(seed_compacting, 2),
+        "leader_idle_quiet_writes_per_sec": idle_quiet_rate.map(f64::round),
+        "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
+        "leader_write_ratio_outside_compactions": idle_quiet_rate
+            .zip(seed_quiet_rate)
+            .map(|(idle, seed)| round(seed / idle.max(1e-9), 3)),
         "leader_peak_rss_bytes": leader.peak_rss(),
         "follower_peak_rss_bytes": follower.peak_rss(),
         "follower_seed_peak_rss_bytes": f_rss_seed,
@@ -501,6 +509,21 @@ fn print_table(o: &Value) {
                 o["leader_idle_compacting_share"].as_f64().unwrap_or(0.0) * 100.0,
                 o["leader_idle_secs"].as_u64().unwrap_or(0),
             ),
+        ),
+        (
+            "leader writes outside compactions",
+            match o["leader_write_ratio_outside_compactions"].as_f64() {
+                Some(r) => format!(
+                    "{:.0}/s vs {:.0}/s idle = {r:.2}x",
+                    o["leader_seed_quiet_writes_per_sec"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                    o["leader_idle_quiet_writes_per_sec"]
+                        .as_f64()
+                        .unwrap_or(0.0),
+                ),
+                None => "too little time without a compaction to tell".into(),
+            },
         ),
         (
             "lag (write on leader -> visible on follower)",
@@ -865,35 +888,56 @@ impl Load {
 
 /// Samples the leader's running RocksDB compactions (its metrics) every
 /// 100 ms: a compaction that lands in the idle window or in the seed's
-/// moves the write ratio, whatever the seed does (BENCHMARKS.md §1).
+/// moves the write ratio, whatever the seed does (BENCHMARKS.md §1). It
+/// also counts the load's writes in the samples without a compaction, so
+/// a window's write rate outside compactions can be compared with
+/// another's.
 struct Compactions {
     stop: Arc<AtomicBool>,
-    /// Milliseconds sampled, and of them with a compaction running.
-    sampled: Arc<(AtomicU64, AtomicU64)>,
-    mark: parking_lot::Mutex<(u64, u64)>,
+    sampled: Arc<Sampled>,
+    mark: parking_lot::Mutex<[u64; 3]>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Milliseconds sampled; of them, those with a compaction running; and the
+/// load's writes in the samples without one.
+#[derive(Default)]
+struct Sampled([AtomicU64; 3]);
+
+impl Sampled {
+    fn get(&self) -> [u64; 3] {
+        self.0.each_ref().map(|a| a.load(Ordering::Relaxed))
+    }
 }
 
 impl Compactions {
     const EVERY: Duration = Duration::from_millis(100);
+    /// Less time than this outside compactions gives no rate.
+    const QUIET_ENOUGH_MS: u64 = 2_000;
 
-    fn start(http: SocketAddr) -> Self {
+    fn start(http: SocketAddr, written: Arc<AtomicU64>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let sampled = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let sampled = Arc::new(Sampled::default());
         let thread = {
             let (stop, sampled) = (Arc::clone(&stop), Arc::clone(&sampled));
             std::thread::spawn(move || {
                 let agent = client::agent(Duration::from_secs(5));
                 let url = format!("http://{http}/metrics");
                 let mut last = Instant::now();
+                let mut last_written = written.load(Ordering::Relaxed);
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Self::EVERY);
                     let running = compactions_running(&agent, &url);
                     let ms = last.elapsed().as_millis() as u64;
                     last = Instant::now();
-                    sampled.0.fetch_add(ms, Ordering::Relaxed);
+                    let w = written.load(Ordering::Relaxed);
+                    let writes = w - last_written;
+                    last_written = w;
+                    sampled.0[0].fetch_add(ms, Ordering::Relaxed);
                     if running > 0.0 {
-                        sampled.1.fetch_add(ms, Ordering::Relaxed);
+                        sampled.0[1].fetch_add(ms, Ordering::Relaxed);
+                    } else {
+                        sampled.0[2].fetch_add(writes, Ordering::Relaxed);
                     }
                 }
             })
@@ -901,23 +945,44 @@ impl Compactions {
         Self {
             stop,
             sampled,
-            mark: parking_lot::Mutex::new((0, 0)),
+            mark: parking_lot::Mutex::new([0; 3]),
             thread: Some(thread),
         }
     }
 
     fn mark(&self) {
-        *self.mark.lock() = (
-            self.sampled.0.load(Ordering::Relaxed),
-            self.sampled.1.load(Ordering::Relaxed),
-        );
+        *self.mark.lock() = self.sampled.get();
+    }
+
+    /// The time, the time with a compaction running, and the writes
+    /// outside compactions, since the last mark.
+    fn since_mark(&self) -> [u64; 3] {
+        let m = *self.mark.lock();
+        let now = self.sampled.get();
+        [0, 1, 2].map(|i| now[i] - m[i])
     }
 
     /// The share of the time since the last mark with a compaction running.
     fn share_since_mark(&self) -> f64 {
-        let (t, c) = *self.mark.lock();
-        let dt = self.sampled.0.load(Ordering::Relaxed) - t;
-        (self.sampled.1.load(Ordering::Relaxed) - c) as f64 / dt.max(1) as f64
+        let [ms, compacting, _] = self.since_mark();
+        compacting as f64 / ms.max(1) as f64
+    }
+
+    /// The load's writes per second since the last mark, counting only
+    /// the time without a compaction (none with under two seconds of it).
+    fn quiet_rate_since_mark(&self) -> Option<f64> {
+        let [ms, compacting, writes] = self.since_mark();
+        let quiet = ms - compacting;
+        (quiet >= Self::QUIET_ENOUGH_MS).then(|| writes as f64 * 1000.0 / quiet as f64)
+    }
+}
+
+impl Drop for Compactions {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -951,15 +1016,6 @@ fn settle_compactions(http: SocketAddr, limit: Duration) {
         } else {
             quiet + 1
         };
-    }
-}
-
-impl Drop for Compactions {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
