@@ -13,7 +13,10 @@
 #   FERRY_BENCH_OUT     also write the markdown table to this file
 #
 # Every method copies the same files into an empty target on the same
-# filesystem, with the source in the page cache. Methods are interleaved
+# filesystem, with the source in the page cache. ferry fsyncs every byte it
+# installs; of the others only `cp -a + fsync` (the disk's floor for a
+# durable copy) and `rsync --fsync` do, so those two rows show what
+# durability costs on this disk. Methods are interleaved
 # (run 1 of every method, then run 2, ...), so a noisy neighbour hits all of
 # them alike; the table gives medians. Read the ratios, not the times.
 # CPU: "client" is the receiving side (the command's own processes),
@@ -84,7 +87,11 @@ tar_nc() {
 rsync_daemon() { rsync -a "rsync://127.0.0.1:$PORT_RSYNC/data/" "$WORK/dst/"; }
 rsync_ssh() { rsync -a -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
 rsync_ssh_z() { rsync -a -z -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
+rsync_ssh_fsync() { rsync -a --fsync -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
 cp_local() { cp -a "$SRC/." "$WORK/dst/"; }
+# The disk's floor for a durable copy: the same bytes, copied and fsynced
+# (as ferry fsyncs every installed byte before the database can open).
+cp_fsync() { cp -a "$SRC/." "$WORK/dst/" && sync "$WORK/dst"/* "$WORK/dst"; }
 
 # Busy CPU seconds of the whole machine (all cores), from /proc/stat.
 machine_cpu() { awk '/^cpu /{printf "%.2f", ($2+$3+$4+$7+$8)/100}' /proc/stat; }
@@ -140,18 +147,21 @@ BYTES=$(du -sb --apparent-size "$SRC" | cut -f1)
 FILES=$(ls "$SRC" | wc -l)
 cat "$SRC"/* > /dev/null   # warm the page cache
 
-METHODS=(cp ferry rsync-daemon tar-nc rsync-ssh rsync-ssh-z)
+METHODS=(cp cp-fsync ferry rsync-daemon tar-nc rsync-ssh rsync-ssh-fsync rsync-ssh-z)
 declare -A NAME=(
   [cp]='cp -a (local, no network)'
+  [cp-fsync]='cp -a + fsync (local, durable floor)'
   [ferry]='ferry seed'
   [rsync-daemon]='rsync daemon (plaintext TCP)'
   [tar-nc]='tar \| nc (plaintext)'
   [rsync-ssh]='rsync over ssh (aes128-gcm)'
+  [rsync-ssh-fsync]='rsync --fsync over ssh (aes128-gcm)'
   [rsync-ssh-z]='rsync -z over ssh (aes128-gcm)'
 )
 declare -A CMD=(
-  [cp]=cp_local [ferry]=ferry_seed [rsync-daemon]=rsync_daemon
-  [tar-nc]=tar_nc [rsync-ssh]=rsync_ssh [rsync-ssh-z]=rsync_ssh_z
+  [cp]=cp_local [cp-fsync]=cp_fsync [ferry]=ferry_seed [rsync-daemon]=rsync_daemon
+  [tar-nc]=tar_nc [rsync-ssh]=rsync_ssh [rsync-ssh-fsync]=rsync_ssh_fsync
+  [rsync-ssh-z]=rsync_ssh_z
 )
 for i in $(seq "$RUNS"); do
   echo "round $i of $RUNS" >&2
@@ -161,20 +171,21 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)/2)]}'; }
 ssh_med=$(echo "${TIMES[rsync-ssh]}" | median)
 daemon_med=$(echo "${TIMES[rsync-daemon]}" | median)
+floor_med=$(echo "${TIMES[cp-fsync]}" | median)
 GB=$(echo "scale=4; $BYTES/1000000000" | bc)
 {
   echo "Dataset: $VALUES, $FILES files, $BYTES bytes ($(printf '%.2f' "$GB") GB). Runs per method: $RUNS, interleaved. Date: $(date -u +%F). Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, loopback."
   echo
-  echo "| method | median s | GB/s | vs rsync over ssh | vs rsync daemon | client CPU s/GB | server CPU s/GB | runs (s) |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---|"
+  echo "| method | median s | GB/s | vs rsync over ssh | vs rsync daemon | vs durable floor | client CPU s/GB | server CPU s/GB | runs (s) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
   for m in "${METHODS[@]}"; do
     med=$(echo "${TIMES[$m]}" | median)
     cl=$(echo "${CLIENT[$m]}" | median)
     sv=$(echo "${SERVER[$m]}" | median)
     runs=$(for t in ${TIMES[$m]}; do printf '%.2f ' "$t"; done)
-    printf '| %s | %.2f | %.2f | %.2fx | %.2fx | %.2f | %.2f | %s|\n' \
+    printf '| %s | %.2f | %.2f | %.2fx | %.2fx | %.2fx | %.2f | %.2f | %s|\n' \
       "${NAME[$m]}" "$med" "$(echo "$GB/$med" | bc -l)" "$(echo "$ssh_med/$med" | bc -l)" \
-      "$(echo "$daemon_med/$med" | bc -l)" "$(echo "$cl/$GB" | bc -l)" "$(echo "$sv/$GB" | bc -l)" "$runs"
+      "$(echo "$daemon_med/$med" | bc -l)" "$(echo "$floor_med/$med" | bc -l)" "$(echo "$cl/$GB" | bc -l)" "$(echo "$sv/$GB" | bc -l)" "$runs"
   done
   echo
   printf 'First ferry seed after the leader started (includes hashing every SST once): %.2f s. ' "$FIRST"
