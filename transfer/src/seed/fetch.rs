@@ -208,20 +208,12 @@ pub(super) fn verify_and_write(
     if chunk_hash(entry.size, m.chunk_size, chunk, &raw) != entry.chunks[chunk] {
         return Err(Fault::Mismatch("hash mismatch"));
     }
-    if direct::aligned(start, raw.len()) {
-        match direct::write(path, &raw, start) {
-            Ok(true) => return Ok(expected as u64),
-            Ok(false) => buffered_once(path),
-            Err(e) => return Err(Fault::Io(io("write", path)(e))),
-        }
-    }
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(|e| Fault::Io(io("open", path)(e)))?;
     f.write_all_at(&raw, start)
         .map_err(|e| Fault::Io(io("write", path)(e)))?;
-    // (A file's short last chunk, or a filesystem without direct I/O.)
     // Start writing the chunk back now (Linux submits the dirty pages of
     // the range without waiting, then drops them from the cache once
     // clean), so the keeper's fsync and the last one before install find
@@ -231,12 +223,4 @@ pub(super) fn verify_and_write(
         let _ = rustix::fs::fadvise(&f, start, Some(len), rustix::fs::Advice::DontNeed);
     }
     Ok(expected as u64)
-}
-
-/// Says once per process that chunks go through the page cache here.
-fn buffered_once(path: &Path) {
-    static SAID: std::sync::Once = std::sync::Once::new();
-    SAID.call_once(|| {
-        tracing::info!(path = %path.display(), "the filesystem refuses direct I/O; writing chunks through the page cache");
-    });
 }
