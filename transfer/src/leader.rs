@@ -2067,14 +2067,40 @@ impl BusyControl {
 struct RateLimiter {
     /// Bytes per second, as f64 bits (the busy control changes it).
     rate: AtomicU64,
-    state: Mutex<(f64, Instant)>,
+    state: Mutex<Bucket>,
+}
+
+/// Bytes the bucket has let through or promised, and what it has paid for.
+struct Bucket {
+    /// Bytes of every take so far, including those still waiting.
+    taken: f64,
+    /// Bytes paid for at the rate over time, at most a burst ahead of
+    /// `taken`.
+    paid: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    /// Pays for the time since the last look at `rate`, keeping at most a
+    /// quarter second's worth of burst in hand.
+    fn refill(&mut self, rate: f64) {
+        let now = Instant::now();
+        let burst = rate / 4.0;
+        self.paid =
+            (self.paid + now.duration_since(self.at).as_secs_f64() * rate).min(self.taken + burst);
+        self.at = now;
+    }
 }
 
 impl RateLimiter {
     fn new(rate: u64) -> Self {
         Self {
             rate: AtomicU64::new((rate.max(1) as f64).to_bits()),
-            state: Mutex::new((0.0, Instant::now())),
+            state: Mutex::new(Bucket {
+                taken: 0.0,
+                paid: 0.0,
+                at: Instant::now(),
+            }),
         }
     }
 
@@ -2089,29 +2115,31 @@ impl RateLimiter {
     /// How often a waiting sender looks at the bucket again.
     const POLL: Duration = Duration::from_millis(20);
 
-    /// Takes `n` bytes' worth of tokens. A taker may leave the bucket in
-    /// debt by its own size; the next waits until the debt is paid, and
-    /// calls `holding` before each wait. A waiter looks again at least
-    /// every [`RateLimiter::POLL`], so a new rate applies to waiting
-    /// senders at once: a wait computed once, at the rate of a deep cut,
-    /// kept a seed's chunks queued for seconds after the busy control had
-    /// raised the rate eightfold, and the prober read those seconds as a
-    /// link that carried nothing.
+    /// Takes `n` bytes' worth of tokens, in order of arrival: a taker goes
+    /// once every byte taken before it is paid for, so it leaves the
+    /// bucket in debt by its own size at most. It calls `holding` before
+    /// each wait, and looks again at least every [`RateLimiter::POLL`], so
+    /// a new rate applies to waiting senders at once: a wait computed
+    /// once, at the rate of a deep cut, kept a seed's chunks queued for
+    /// seconds after the busy control had raised the rate eightfold, and
+    /// the prober read those seconds as a link that carried nothing.
     async fn acquire(&self, n: u64, mut holding: impl FnMut()) {
+        let from = {
+            let mut b = self.state.lock();
+            b.refill(self.rate());
+            let from = b.taken;
+            b.taken += n as f64;
+            from
+        };
         loop {
             let wait = {
                 let rate = self.rate();
-                let mut s = self.state.lock();
-                let now = Instant::now();
-                // Allow a burst of a quarter second.
-                let burst = rate / 4.0;
-                s.0 = (s.0 + now.duration_since(s.1).as_secs_f64() * rate).min(burst);
-                s.1 = now;
-                if s.0 >= 0.0 {
-                    s.0 -= n as f64;
+                let mut b = self.state.lock();
+                b.refill(rate);
+                if b.paid >= from {
                     return;
                 }
-                Duration::from_secs_f64(-s.0 / rate).min(Self::POLL)
+                Duration::from_secs_f64((from - b.paid) / rate).min(Self::POLL)
             };
             holding();
             tokio::time::sleep(wait).await;
@@ -2524,6 +2552,31 @@ mod tests {
         waiter.await.unwrap();
         let took = started.elapsed();
         assert!(took < Duration::from_secs(1), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn held_senders_go_in_the_order_they_came() {
+        // 1 MiB/s and 64 KiB takes: one goes every 62 ms. Eight senders
+        // arrive 2 ms apart behind a first take that left the bucket in
+        // debt; they must leave in that order (a waiter that merely polls
+        // for tokens can be overtaken by later ones, and the chunk a
+        // follower needs first, a file's dictionary chunk, can starve).
+        let l = Arc::new(RateLimiter::new(1 << 20));
+        l.acquire(64 << 10, || {}).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let (l, order) = (Arc::clone(&l), Arc::clone(&order));
+            tasks.push(tokio::spawn(async move {
+                l.acquire(64 << 10, || {}).await;
+                order.lock().push(i);
+            }));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock(), (0..8).collect::<Vec<_>>());
     }
 
     #[test]
