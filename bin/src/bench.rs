@@ -908,6 +908,29 @@ impl Sampled {
     fn get(&self) -> [u64; 3] {
         self.0.each_ref().map(|a| a.load(Ordering::Relaxed))
     }
+
+    /// One sample: `ms` long, ending with a compaction running or not, in
+    /// which the load wrote `writes` keys.
+    fn add(&self, ms: u64, compacting: bool, writes: u64) {
+        self.0[0].fetch_add(ms, Ordering::Relaxed);
+        if compacting {
+            self.0[1].fetch_add(ms, Ordering::Relaxed);
+        } else {
+            self.0[2].fetch_add(writes, Ordering::Relaxed);
+        }
+    }
+
+    /// Of the samples between two readings `from` and `to`: the share of
+    /// the time with a compaction running, and the writes per second in
+    /// the rest (none with under [`Compactions::QUIET_ENOUGH_MS`] of it).
+    fn between(from: [u64; 3], to: [u64; 3]) -> (f64, Option<f64>) {
+        let [ms, compacting, writes] = [0, 1, 2].map(|i| to[i] - from[i]);
+        let quiet = ms - compacting;
+        (
+            compacting as f64 / ms.max(1) as f64,
+            (quiet >= Compactions::QUIET_ENOUGH_MS).then(|| writes as f64 * 1000.0 / quiet as f64),
+        )
+    }
 }
 
 impl Compactions {
@@ -931,14 +954,8 @@ impl Compactions {
                     let ms = last.elapsed().as_millis() as u64;
                     last = Instant::now();
                     let w = written.load(Ordering::Relaxed);
-                    let writes = w - last_written;
+                    sampled.add(ms, running > 0.0, w - last_written);
                     last_written = w;
-                    sampled.0[0].fetch_add(ms, Ordering::Relaxed);
-                    if running > 0.0 {
-                        sampled.0[1].fetch_add(ms, Ordering::Relaxed);
-                    } else {
-                        sampled.0[2].fetch_add(writes, Ordering::Relaxed);
-                    }
                 }
             })
         };
@@ -954,26 +971,15 @@ impl Compactions {
         *self.mark.lock() = self.sampled.get();
     }
 
-    /// The time, the time with a compaction running, and the writes
-    /// outside compactions, since the last mark.
-    fn since_mark(&self) -> [u64; 3] {
-        let m = *self.mark.lock();
-        let now = self.sampled.get();
-        [0, 1, 2].map(|i| now[i] - m[i])
-    }
-
     /// The share of the time since the last mark with a compaction running.
     fn share_since_mark(&self) -> f64 {
-        let [ms, compacting, _] = self.since_mark();
-        compacting as f64 / ms.max(1) as f64
+        Sampled::between(*self.mark.lock(), self.sampled.get()).0
     }
 
     /// The load's writes per second since the last mark, counting only
     /// the time without a compaction (none with under two seconds of it).
     fn quiet_rate_since_mark(&self) -> Option<f64> {
-        let [ms, compacting, writes] = self.since_mark();
-        let quiet = ms - compacting;
-        (quiet >= Self::QUIET_ENOUGH_MS).then(|| writes as f64 * 1000.0 / quiet as f64)
+        Sampled::between(*self.mark.lock(), self.sampled.get()).1
     }
 }
 
@@ -1051,4 +1057,30 @@ fn probe_lag(leader: SocketAddr, follower: SocketAddr, dur: Duration) -> Result<
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(lags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_during_compactions_count_only_in_the_whole_window() {
+        let s = Sampled::default();
+        let start = s.get();
+        // 3 s without a compaction at 1,000 writes/s, then 1 s of
+        // compaction at 100 writes/s.
+        for _ in 0..30 {
+            s.add(100, false, 100);
+        }
+        for _ in 0..10 {
+            s.add(100, true, 10);
+        }
+        let (share, quiet) = Sampled::between(start, s.get());
+        assert_eq!(share, 0.25);
+        assert_eq!(quiet, Some(1000.0));
+        // From a mark where the compaction began: no quiet time, no rate.
+        let (share, quiet) = Sampled::between([3000, 0, 3000], s.get());
+        assert_eq!(share, 1.0);
+        assert_eq!(quiet, None);
+    }
 }
