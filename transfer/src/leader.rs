@@ -2124,18 +2124,17 @@ impl RateLimiter {
     /// seconds after the busy control had raised the rate eightfold, and
     /// the prober read those seconds as a link that carried nothing.
     async fn acquire(&self, n: u64, mut holding: impl FnMut()) {
-        let from = {
-            let mut b = self.state.lock();
-            b.refill(self.rate());
-            let from = b.taken;
-            b.taken += n as f64;
-            from
-        };
+        // Where this take starts in the queue, fixed at the first look.
+        let mut from = None;
         loop {
             let wait = {
                 let rate = self.rate();
                 let mut b = self.state.lock();
                 b.refill(rate);
+                let from = *from.get_or_insert_with(|| {
+                    b.taken += n as f64;
+                    b.taken - n as f64
+                });
                 if b.paid >= from {
                     return;
                 }
