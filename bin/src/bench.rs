@@ -295,8 +295,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     phases.say("measuring the leader's idle write rate");
     std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
     let idle_rate = load.rate_since_mark();
-    let idle_compacting = compactions.share_since_mark();
-    let idle_quiet_rate = compactions.quiet_rate_since_mark();
+    let (idle_compacting, idle_quiet_rate) = compactions.since_mark();
 
     // 3. The follower seeds, catches up and goes live under the same load.
     phases.say("seeding the follower");
@@ -329,8 +328,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         if seed_report.is_null() && s["last_seed"].is_object() {
             seed_report = s["last_seed"].clone();
             seed_rate = load.rate_since_mark();
-            seed_compacting = compactions.share_since_mark();
-            seed_quiet_rate = compactions.quiet_rate_since_mark();
+            (seed_compacting, seed_quiet_rate) = compactions.since_mark();
             l_cpu_seed = leader.cpu_secs() - l_cpu0;
             f_cpu_seed = follower.cpu_secs();
             // The seed's own peak: before the write load reaches the new
@@ -971,15 +969,11 @@ impl Compactions {
         *self.mark.lock() = self.sampled.get();
     }
 
-    /// The share of the time since the last mark with a compaction running.
-    fn share_since_mark(&self) -> f64 {
-        Sampled::between(*self.mark.lock(), self.sampled.get()).0
-    }
-
-    /// The load's writes per second since the last mark, counting only
-    /// the time without a compaction (none with under two seconds of it).
-    fn quiet_rate_since_mark(&self) -> Option<f64> {
-        Sampled::between(*self.mark.lock(), self.sampled.get()).1
+    /// Since the last mark: the share of the time with a compaction
+    /// running, and the load's writes per second in the rest (see
+    /// [`Sampled::between`]).
+    fn since_mark(&self) -> (f64, Option<f64>) {
+        Sampled::between(*self.mark.lock(), self.sampled.get())
     }
 }
 
