@@ -85,9 +85,10 @@ tar_nc() {
   wait $r
 }
 rsync_daemon() { rsync -a "rsync://127.0.0.1:$PORT_RSYNC/data/" "$WORK/dst/"; }
-rsync_ssh() { rsync -a -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
-rsync_ssh_z() { rsync -a -z -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
-rsync_ssh_fsync() { rsync -a --fsync -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
+rsync_over_ssh() { rsync -a "$@" -e "$SSH -c aes128-gcm@openssh.com" "root@127.0.0.1:$SRC/" "$WORK/dst/"; }
+rsync_ssh() { rsync_over_ssh; }
+rsync_ssh_z() { rsync_over_ssh -z; }
+rsync_ssh_fsync() { rsync_over_ssh --fsync; }
 cp_local() { cp -a "$SRC/." "$WORK/dst/"; }
 # The disk's floor for a durable copy: the same bytes, copied and fsynced
 # (as ferry fsyncs every installed byte before the database can open).
