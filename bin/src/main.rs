@@ -444,8 +444,7 @@ fn run(cli: Cli) -> Result<i32> {
                 return Err(config::usage(format!(
                     "{} holds no cluster CA: revoke on the node that created the cluster",
                     data.display()
-                ))
-                .into());
+                )));
             }
             ferry_transfer::seed::validate_node_id(&node).map_err(config::usage)?;
             NodeAuth::revoke(&dir, &node)
