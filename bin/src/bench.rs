@@ -8,7 +8,9 @@
 //!    done, the load writes as fast as one client can for `--idle-secs`
 //!    (the leader's idle write rate, long enough to include the flushes
 //!    and compactions the load causes); the share of each window with a
-//!    RocksDB compaction running is reported beside the ratio;
+//!    RocksDB compaction running is reported beside the ratio; with
+//!    `--idle-repeat`, a second idle window follows, and its rate against
+//!    the first (an A/A test) shows the noise of the ratio itself;
 //! 2. seed: the follower starts; the same load runs during the whole seed
 //!    (the leader's write rate during a seed, against idle), until it is live;
 //! 3. live: the load at `--write-rate`; probes measure the time from a
@@ -58,6 +60,12 @@ pub struct BenchArgs {
     /// the memtable alone, a rate the leader cannot sustain.
     #[arg(long, env = "FERRY_IDLE_SECS", default_value_t = 20)]
     idle_secs: u64,
+    /// Measure a second idle window of the same length right after the
+    /// first, before the seed. Its write rate against the first is an A/A
+    /// test: how far the ratio moves on this host with no seed at all,
+    /// beside which the seed's ratio is read.
+    #[arg(long, env = "FERRY_IDLE_REPEAT")]
+    idle_repeat: bool,
     /// Seconds of the live phase (lag measurement).
     #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
     live_secs: u64,
@@ -296,6 +304,15 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
     let idle_rate = load.rate_since_mark();
     let (idle_compacting, idle_quiet_rate) = compactions.since_mark();
+    let repeat = if args.idle_repeat {
+        phases.say("measuring the leader's idle write rate again (A/A)");
+        load.mark();
+        compactions.mark();
+        std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
+        Some((load.rate_since_mark(), compactions.since_mark().0))
+    } else {
+        None
+    };
 
     // 3. The follower seeds, catches up and goes live under the same load.
     phases.say("seeding the follower");
@@ -431,6 +448,9 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_seed_writes_per_sec": seed_rate.round(),
         "leader_write_ratio": round(seed_rate / idle_rate.max(1e-9), 3),
         "leader_idle_compacting_share": round(idle_compacting, 2),
+        "leader_idle_repeat_writes_per_sec": repeat.map(|(r, _)| r.round()),
+        "leader_idle_repeat_ratio": repeat.map(|(r, _)| round(r / idle_rate.max(1e-9), 3)),
+        "leader_idle_repeat_compacting_share": repeat.map(|(_, c)| round(c, 2)),
         "leader_seed_compacting_share": round(seed_compacting, 2),
         "leader_idle_quiet_writes_per_sec": idle_quiet_rate.map(f64::round),
         "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
@@ -467,7 +487,7 @@ fn pct(v: &[f64], p: f64) -> f64 {
 
 fn print_table(o: &Value) {
     let mb = |k: &str| o[k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
-    let rows = [
+    let mut rows = vec![
         (
             "dataset",
             format!(
@@ -523,6 +543,24 @@ fn print_table(o: &Value) {
                 None => "too little time without a compaction to tell".into(),
             },
         ),
+    ];
+    if let Some(r) = o["leader_idle_repeat_ratio"].as_f64() {
+        rows.push((
+            "leader writes, idle again (A/A, no seed)",
+            format!(
+                "{:.0}/s vs {:.0}/s idle = {r:.2}x ({:.0}% compacting)",
+                o["leader_idle_repeat_writes_per_sec"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                o["leader_idle_writes_per_sec"].as_f64().unwrap_or(0.0),
+                o["leader_idle_repeat_compacting_share"]
+                    .as_f64()
+                    .unwrap_or(0.0)
+                    * 100.0,
+            ),
+        ));
+    }
+    rows.extend([
         (
             "lag (write on leader -> visible on follower)",
             format!(
@@ -567,7 +605,7 @@ fn print_table(o: &Value) {
                 "MISMATCH".to_owned()
             },
         ),
-    ];
+    ]);
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in rows {
         println!("{k:<w$}  {v}");
