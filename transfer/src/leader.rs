@@ -1884,8 +1884,9 @@ impl Registry {
 
 /// Foreground protection by feedback: while the store takes writes, seeds
 /// get a bandwidth steered by two signals of the foreground's health, each
-/// sampled every tick: the mean write latency against its mean while no
-/// seed runs (above [`BusyControl::SLOW`], 1.15x: a closed-loop writer at
+/// sampled every tick: the mean write latency against its idle baseline,
+/// the median of its per-second means over the last 30 s without a seed
+/// (above [`BusyControl::SLOW`], 1.15x: a closed-loop writer at
 /// 1.25x runs at 80 % of its idle rate, and the margin covers the ticks
 /// the control needs to react), and the host's idle CPU (under 10 % means
 /// the seed's reading, compression and encryption compete with the writes
@@ -1907,8 +1908,15 @@ struct BusyControl {
 
 #[derive(Default)]
 struct BusyState {
-    /// Mean write latency while no seed runs, nanoseconds (0 until known).
+    /// Mean write latency while no seed runs, nanoseconds (0 until known),
+    /// moving with each tick: the baseline until a whole second is known.
     idle_latency: f64,
+    /// The mean write latency of each of the last
+    /// [`BusyControl::IDLE_SECONDS`] seconds without a seed, nanoseconds,
+    /// newest last: their median is the baseline.
+    idle_seconds: std::collections::VecDeque<f64>,
+    /// The current second's idle writes: total latency (ns), count, ticks.
+    idle_second: (f64, u64, u32),
     /// The host's CPU counters at the last tick.
     cpu: Option<CpuTimes>,
     /// Whether a seed ran under writes at the last tick.
@@ -1944,8 +1952,47 @@ impl CpuTimes {
     }
 }
 
+impl BusyState {
+    /// Adds an idle tick's writes to the current second, and a finished
+    /// second with enough writes to the baseline's seconds.
+    fn note_idle(&mut self, latency: Option<(Duration, u64)>) {
+        if let Some((mean, n)) = latency {
+            self.idle_second.0 += mean.as_nanos() as f64 * n as f64;
+            self.idle_second.1 += n;
+        }
+        self.idle_second.2 += 1;
+        if self.idle_second.2 < BusyControl::TICKS_A_SECOND {
+            return;
+        }
+        let (nanos, n, _) = std::mem::take(&mut self.idle_second);
+        if n >= BusyControl::MIN_WRITES {
+            self.idle_seconds.push_back(nanos / n as f64);
+            if self.idle_seconds.len() > BusyControl::IDLE_SECONDS {
+                self.idle_seconds.pop_front();
+            }
+        }
+    }
+
+    /// The idle write latency a seed is held to, nanoseconds: the median
+    /// of the last idle seconds' means, or the moving mean before a whole
+    /// second is known. The moving mean alone spans about a second: a
+    /// flush or a compaction in the second before a seed raised it, and
+    /// with it the bar the seed had to keep under.
+    fn baseline(&self) -> f64 {
+        if self.idle_seconds.is_empty() {
+            return self.idle_latency;
+        }
+        let mut v: Vec<f64> = self.idle_seconds.iter().copied().collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+}
+
 impl BusyControl {
     const TICK: Duration = Duration::from_millis(100);
+    const TICKS_A_SECOND: u32 = 10;
+    /// Idle seconds the baseline is the median of.
+    const IDLE_SECONDS: usize = 30;
     /// The least a seed gets, however loaded the node.
     const FLOOR: f64 = 4.0 * 1024.0 * 1024.0;
     /// Ticks with fewer writes say too little about latency.
@@ -2010,7 +2057,11 @@ impl BusyControl {
         // How far over the threshold the writes were: 1 when they were
         // not, and the share the threshold is of their latency when they
         // were (0.5 for writes twice as slow as the threshold).
-        let within = steering.map_or(1.0, |lat| (st.idle_latency * Self::SLOW / lat).min(1.0));
+        if !seeding {
+            st.note_idle(latency);
+        }
+        let baseline = st.baseline();
+        let within = steering.map_or(1.0, |lat| (baseline * Self::SLOW / lat).min(1.0));
         let slow = within < 1.0;
         let started = seeding && !st.seeding;
         st.seeding = seeding;
@@ -2051,6 +2102,7 @@ impl BusyControl {
         drop(st);
         tracing::debug!(
             latency_us = latency.map(|(l, _)| l.as_micros() as u64),
+            baseline_us = (baseline / 1e3) as u64,
             slow,
             saturated,
             rate = next as u64,
@@ -2576,6 +2628,43 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock(), (0..8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_slow_second_before_a_seed_does_not_raise_the_bar() {
+        const MB: f64 = 1024.0 * 1024.0;
+        let b = BusyControl::new(100 << 20);
+        let ms = |m: f64| Some((Duration::from_secs_f64(m / 1e3), 100));
+        let cpu = |t: u64| {
+            Some(CpuTimes {
+                idle: t / 2,
+                total: t,
+            })
+        };
+        let mut t = 0;
+        let mut tick = |lat, seeding| {
+            t += 100;
+            b.tick_with(lat, seeding, cpu(t));
+        };
+        // Half a minute of 1 ms writes, then a second of 3 ms writes (a
+        // compaction) just before the seed starts.
+        for _ in 0..300 {
+            tick(ms(1.0), false);
+        }
+        for _ in 0..10 {
+            tick(ms(3.0), false);
+        }
+        // Writes at 1.5 ms under the seed are 1.5x the idle baseline: the
+        // seed is cut from where it started, not let grow.
+        tick(ms(1.5), true);
+        assert!(b.limiter.rate() < 25.0 * MB, "{}", b.limiter.rate() / MB);
+        // A baseline that is itself mostly slow seconds holds: writes at
+        // 3 ms after a minute of them are healthy, and the seed grows.
+        for _ in 0..600 {
+            tick(ms(3.0), false);
+        }
+        tick(ms(3.0), true);
+        assert!(b.limiter.rate() > 25.0 * MB, "{}", b.limiter.rate() / MB);
     }
 
     #[test]
