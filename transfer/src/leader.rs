@@ -2068,6 +2068,8 @@ impl BusyControl {
         if started {
             st.last_cut = 0.0;
             st.cutting = false;
+            // The unfinished idle second ends here, uncounted.
+            st.idle_second = Default::default();
         }
         if !seeding {
             return;
