@@ -300,19 +300,21 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     settle_compactions(leader_http, Duration::from_secs(120));
     let load = Load::start(leader_http, None);
     let compactions = Compactions::start(leader_http, Arc::clone(&load.written));
+    // One idle window from the last mark: the write rate, the share of
+    // the time compacting, and the rate outside compactions.
+    let idle_window = || {
+        std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
+        (load.rate_since_mark(), compactions.since_mark())
+    };
     phases.say("measuring the leader's idle write rate");
-    std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
-    let idle_rate = load.rate_since_mark();
-    let (idle_compacting, idle_quiet_rate) = compactions.since_mark();
-    let repeat = if args.idle_repeat {
+    let (idle_rate, (idle_compacting, idle_quiet_rate)) = idle_window();
+    let repeat = args.idle_repeat.then(|| {
         phases.say("measuring the leader's idle write rate again (A/A)");
         load.mark();
         compactions.mark();
-        std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
-        Some((load.rate_since_mark(), compactions.since_mark().0))
-    } else {
-        None
-    };
+        let (rate, (compacting, _)) = idle_window();
+        (rate, compacting)
+    });
 
     // 3. The follower seeds, catches up and goes live under the same load.
     phases.say("seeding the follower");
