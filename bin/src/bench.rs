@@ -13,6 +13,9 @@
 //!    the first (an A/A test) shows the noise of the ratio itself;
 //! 2. seed: the follower starts; the same load runs during the whole seed
 //!    (the leader's write rate during a seed, against idle), until it is live;
+//!    with `--seed-rounds N`, phases 1 and 2 run N times, each round with a
+//!    new follower (an earlier round's is verified and removed), and every
+//!    round's ratio is reported with their median and minimum;
 //! 3. live: the load at `--write-rate`; probes measure the time from a
 //!    write's acknowledgement on the leader to its visibility on the
 //!    follower (lag p50/p99);
@@ -66,6 +69,20 @@ pub struct BenchArgs {
     /// beside which the seed's ratio is read.
     #[arg(long, env = "FERRY_IDLE_REPEAT")]
     idle_repeat: bool,
+    /// Seed this many times under the load, each seed after its own idle
+    /// window (and A/A window), and report every round's write ratio with
+    /// their median and minimum: one ratio is one sample of a noisy
+    /// measurement. An earlier round's follower is verified, stopped and
+    /// removed before the next round; the last round goes on to the live,
+    /// catch-up and verify phases. The first seed also hashes the leader's
+    /// SSTs; later rounds find the hashes cached.
+    #[arg(
+        long,
+        env = "FERRY_SEED_ROUNDS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(1..=50)
+    )]
+    seed_rounds: u32,
     /// Seconds of the live phase (lag measurement).
     #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
     live_secs: u64,
@@ -296,7 +313,8 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     };
     let follow = proxy.as_ref().map(|p| p.addr()).unwrap_or(leader_quic);
 
-    // 2. Idle write rate.
+    // 2. Idle write rate, then 3. the seed under the same load, once per
+    // round: the follower seeds, catches up and goes live.
     settle_compactions(leader_http, Duration::from_secs(120));
     let load = Load::start(leader_http, None);
     let compactions = Compactions::start(leader_http, Arc::clone(&load.written));
@@ -306,76 +324,92 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
         (load.rate_since_mark(), compactions.since_mark())
     };
-    phases.say("measuring the leader's idle write rate");
-    let (idle_rate, (idle_compacting, idle_quiet_rate)) = idle_window();
-    let repeat = args.idle_repeat.then(|| {
-        phases.say("measuring the leader's idle write rate again (A/A)");
+    let rounds_total = args.seed_rounds.max(1);
+    let mut rounds: Vec<Value> = Vec::new();
+    let (idle_rate, idle_compacting, idle_quiet_rate, repeat, mut follower, f_http, seeded) = loop {
+        let n = rounds.len() as u32 + 1;
+        let of = if rounds_total > 1 {
+            format!(" (round {n} of {rounds_total})")
+        } else {
+            String::new()
+        };
+        load.set_rate(None);
         load.mark();
         compactions.mark();
-        let (rate, (compacting, _)) = idle_window();
-        (rate, compacting)
-    });
-
-    // 3. The follower seeds, catches up and goes live under the same load.
-    phases.say("seeding the follower");
-    load.mark();
-    compactions.mark();
-    let l_cpu0 = leader.cpu_secs();
-    let f_http = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
-    let f_quic = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
-    let seed_started = Instant::now();
-    let mut follower = Node::spawn(
-        root,
-        "follower",
-        follower_dir,
-        f_quic,
-        f_http,
-        &["--follow", &follow.to_string(), "--token", &token],
-        &args.serve_args,
-        None,
-    )?;
-    follower.wait_up(Duration::from_secs(60))?;
-    let mut seed_report = Value::Null;
-    let mut f_cpu_seed = 0.0;
-    let mut f_rss_seed = 0;
-    let mut l_cpu_seed = 0.0;
-    let mut seed_rate = 0.0;
-    let mut seed_compacting = 0.0;
-    let mut seed_quiet_rate = None;
-    let to_live = loop {
-        let s = follower.status()?;
-        if seed_report.is_null() && s["last_seed"].is_object() {
-            seed_report = s["last_seed"].clone();
-            seed_rate = load.rate_since_mark();
-            (seed_compacting, seed_quiet_rate) = compactions.since_mark();
-            l_cpu_seed = leader.cpu_secs() - l_cpu0;
-            f_cpu_seed = follower.cpu_secs();
-            // The seed's own peak: before the write load reaches the new
-            // database (its memtables are sized by RocksDB, not the seed).
-            f_rss_seed = follower.peak_rss();
-            load.set_rate(Some(args.write_rate));
-            phases.say("catching up");
-        } else if let Some(p) = s["seed"].as_object() {
-            if seed_report.is_null() {
-                phases.say(format!(
-                    "seeding the follower: {} of {}",
-                    util::human_bytes(p["bytes_done"].as_u64().unwrap_or(0)),
-                    util::human_bytes(p["bytes_total"].as_u64().unwrap_or(0))
-                ));
-            }
+        phases.say(format!("measuring the leader's idle write rate{of}"));
+        let (idle_rate, (idle_compacting, idle_quiet_rate)) = idle_window();
+        let repeat = args.idle_repeat.then(|| {
+            phases.say(format!(
+                "measuring the leader's idle write rate again (A/A){of}"
+            ));
+            load.mark();
+            compactions.mark();
+            let (rate, (compacting, _)) = idle_window();
+            (rate, compacting)
+        });
+        phases.say(format!("seeding the follower{of}"));
+        load.mark();
+        compactions.mark();
+        let name = if n == rounds_total {
+            "follower".to_owned()
+        } else {
+            format!("follower-round{n}")
+        };
+        let f_http = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
+        let (mut follower, seeded) = seed_follower(
+            args,
+            root,
+            &name,
+            follower_dir,
+            follow,
+            &token,
+            f_http,
+            &leader,
+            &load,
+            &compactions,
+            phases,
+        )?;
+        let ratio = seeded.rate / idle_rate.max(1e-9);
+        rounds.push(json!({
+            "round": n,
+            "leader_idle_writes_per_sec": idle_rate.round(),
+            "leader_idle_repeat_ratio": repeat.map(|(r, _)| round(r / idle_rate.max(1e-9), 3)),
+            "leader_seed_writes_per_sec": seeded.rate.round(),
+            "leader_write_ratio": round(ratio, 3),
+            "seed_secs": round(seeded.secs(), 3),
+            "seed_bytes_per_sec": (seeded.bytes() as f64 / seeded.secs().max(1e-9)).round(),
+        }));
+        if n == rounds_total {
+            break (
+                idle_rate,
+                idle_compacting,
+                idle_quiet_rate,
+                repeat,
+                follower,
+                f_http,
+                seeded,
+            );
         }
-        if s["state"] == "live" && !seed_report.is_null() {
-            break seed_started.elapsed();
-        }
-        if matches!(s["state"].as_str(), Some("diverged" | "stopped")) {
-            bail!("the follower stopped: {}", s["detail"]);
-        }
+        phases.say(format!("verifying the seed of round {n}"));
+        let (verified, _, _) = client::compare(leader_http, f_http, Duration::from_secs(120))?;
         ensure!(
-            seed_started.elapsed() < Duration::from_secs(3600),
-            "the follower was not live within an hour"
+            verified,
+            "round {n}: the follower's digest does not match the leader's"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        follower.stop();
+        std::fs::remove_dir_all(follower_dir)
+            .with_context(|| format!("remove {}", follower_dir.display()))?;
     };
+    let SeedRound {
+        report: seed_report,
+        rate: seed_rate,
+        compacting: seed_compacting,
+        quiet_rate: seed_quiet_rate,
+        leader_cpu: l_cpu_seed,
+        follower_cpu: f_cpu_seed,
+        follower_rss: f_rss_seed,
+        to_live,
+    } = seeded;
     let seed_secs = seed_report["elapsed_secs"].as_f64().unwrap_or(0.0);
     let seed_bytes = seed_report["bytes_total"].as_u64().unwrap_or(0);
     let gb = seed_bytes as f64 / 1e9;
@@ -456,6 +490,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_seed_compacting_share": round(seed_compacting, 2),
         "leader_idle_quiet_writes_per_sec": idle_quiet_rate.map(f64::round),
         "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
+        "rounds": rounds_summary(&rounds),
         "leader_write_ratio_outside_compactions": idle_quiet_rate
             .zip(seed_quiet_rate)
             .map(|(idle, seed)| round(seed / idle.max(1e-9), 3)),
@@ -471,6 +506,138 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     drop(proxy);
     drop(link);
     Ok(out)
+}
+
+/// What one seed under the load measured.
+struct SeedRound {
+    /// The follower's report of the seed (`last_seed` in its status).
+    report: Value,
+    /// The load's write rate during the seed.
+    rate: f64,
+    /// The share of the seed with a compaction running on the leader.
+    compacting: f64,
+    /// The write rate outside compactions, if long enough to tell.
+    quiet_rate: Option<f64>,
+    leader_cpu: f64,
+    follower_cpu: f64,
+    /// The follower's peak RSS at the end of the seed.
+    follower_rss: u64,
+    /// From the follower's start until it was live.
+    to_live: Duration,
+}
+
+impl SeedRound {
+    fn secs(&self) -> f64 {
+        self.report["elapsed_secs"].as_f64().unwrap_or(0.0)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.report["bytes_total"].as_u64().unwrap_or(0)
+    }
+}
+
+/// Starts a follower on the empty `dir`, and measures its seed under the
+/// load (from the marks the caller set) until it is live.
+#[allow(clippy::too_many_arguments)]
+fn seed_follower(
+    args: &BenchArgs,
+    root: &Path,
+    name: &str,
+    dir: &Path,
+    follow: SocketAddr,
+    token: &str,
+    f_http: SocketAddr,
+    leader: &Node,
+    load: &Load,
+    compactions: &Compactions,
+    phases: &Phases,
+) -> Result<(Node, SeedRound)> {
+    let l_cpu0 = leader.cpu_secs();
+    let f_quic = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
+    let started = Instant::now();
+    let mut follower = Node::spawn(
+        root,
+        name,
+        dir,
+        f_quic,
+        f_http,
+        &["--follow", &follow.to_string(), "--token", token],
+        &args.serve_args,
+        None,
+    )?;
+    follower.wait_up(Duration::from_secs(60))?;
+    let mut seeded: Option<SeedRound> = None;
+    loop {
+        let s = follower.status()?;
+        if seeded.is_none() && s["last_seed"].is_object() {
+            let (compacting, quiet_rate) = compactions.since_mark();
+            seeded = Some(SeedRound {
+                report: s["last_seed"].clone(),
+                rate: load.rate_since_mark(),
+                compacting,
+                quiet_rate,
+                leader_cpu: leader.cpu_secs() - l_cpu0,
+                follower_cpu: follower.cpu_secs(),
+                // The seed's own peak: before the write load reaches the new
+                // database (its memtables are sized by RocksDB, not the seed).
+                follower_rss: follower.peak_rss(),
+                to_live: Duration::ZERO,
+            });
+            load.set_rate(Some(args.write_rate));
+            phases.say("catching up");
+        } else if let Some(p) = s["seed"].as_object() {
+            if seeded.is_none() {
+                phases.say(format!(
+                    "seeding the follower: {} of {}",
+                    util::human_bytes(p["bytes_done"].as_u64().unwrap_or(0)),
+                    util::human_bytes(p["bytes_total"].as_u64().unwrap_or(0))
+                ));
+            }
+        }
+        if s["state"] == "live" {
+            if let Some(mut r) = seeded.take() {
+                r.to_live = started.elapsed();
+                return Ok((follower, r));
+            }
+        }
+        if matches!(s["state"].as_str(), Some("diverged" | "stopped")) {
+            bail!("the follower stopped: {}", s["detail"]);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(3600),
+            "the follower was not live within an hour"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every round's figures, with the median and the minimum of the seed's
+/// write ratio and the range of the A/A ratio across rounds.
+fn rounds_summary(rounds: &[Value]) -> Value {
+    let of = |k: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let ratios = of("leader_write_ratio");
+    let aa = of("leader_idle_repeat_ratio");
+    let min = |v: &[f64]| v.iter().copied().reduce(f64::min);
+    let max = |v: &[f64]| v.iter().copied().reduce(f64::max);
+    json!({
+        "count": rounds.len(),
+        "leader_write_ratio_median": (!ratios.is_empty()).then(|| round(median(&ratios), 3)),
+        "leader_write_ratio_min": min(&ratios),
+        "leader_idle_repeat_ratio_min": min(&aa),
+        "leader_idle_repeat_ratio_max": max(&aa),
+        "each": rounds,
+    })
+}
+
+/// The median (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 fn round(v: f64, digits: i32) -> f64 {
@@ -561,6 +728,53 @@ fn print_table(o: &Value) {
                     * 100.0,
             ),
         ));
+    }
+    let rounds = &o["rounds"];
+    if rounds["count"].as_u64().unwrap_or(0) > 1 {
+        let each = |k: &str, digits: usize| -> String {
+            let v: Vec<String> = rounds["each"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| match r[k].as_f64() {
+                    Some(x) => format!("{x:.digits$}"),
+                    None => "-".into(),
+                })
+                .collect();
+            v.join(" ")
+        };
+        rows.push((
+            "leader writes during seed, every round",
+            format!(
+                "median {:.2}x, min {:.2}x over {} rounds ({}); seeds MiB/s: {}",
+                rounds["leader_write_ratio_median"].as_f64().unwrap_or(0.0),
+                rounds["leader_write_ratio_min"].as_f64().unwrap_or(0.0),
+                rounds["count"],
+                each("leader_write_ratio", 2),
+                rounds["each"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|r| format!(
+                        "{:.1}",
+                        r["seed_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ),
+        ));
+        if let (Some(lo), Some(hi)) = (
+            rounds["leader_idle_repeat_ratio_min"].as_f64(),
+            rounds["leader_idle_repeat_ratio_max"].as_f64(),
+        ) {
+            rows.push((
+                "A/A, every round (no seed)",
+                format!(
+                    "{lo:.2}x to {hi:.2}x ({})",
+                    each("leader_idle_repeat_ratio", 2)
+                ),
+            ));
+        }
     }
     rows.extend([
         (
@@ -1096,6 +1310,23 @@ fn probe_lag(leader: SocketAddr, follower: SocketAddr, dur: Duration) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rounds_report_the_median_and_the_worst_ratio() {
+        let r = |ratio: f64, aa: Option<f64>| {
+            json!({ "leader_write_ratio": ratio, "leader_idle_repeat_ratio": aa })
+        };
+        let s = rounds_summary(&[r(0.9, Some(1.1)), r(0.7, Some(0.85)), r(0.85, None)]);
+        assert_eq!(s["count"], 3);
+        assert_eq!(s["leader_write_ratio_median"], 0.85);
+        assert_eq!(s["leader_write_ratio_min"], 0.7);
+        assert_eq!(s["leader_idle_repeat_ratio_min"], 0.85);
+        assert_eq!(s["leader_idle_repeat_ratio_max"], 1.1);
+        // An even count: the mean of the middle two.
+        let s = rounds_summary(&[r(0.8, None), r(0.9, None)]);
+        assert_eq!(s["leader_write_ratio_median"], 0.85);
+        assert!(s["leader_idle_repeat_ratio_min"].is_null());
+    }
 
     #[test]
     fn writes_during_compactions_count_only_in_the_whole_window() {
