@@ -83,6 +83,13 @@ pub struct BenchArgs {
         value_parser = clap::value_parser!(u32).range(1..=50)
     )]
     seed_rounds: u32,
+    /// Distinct keys the write load writes (0: a new key every write).
+    /// Bounded, the load inserts until the keys are taken and then
+    /// overwrites them, so the database stops growing and round after
+    /// round seeds and compacts about the same data. Unbounded, it grows by
+    /// every write, as many megabytes a second as the load runs at.
+    #[arg(long, env = "FERRY_LOAD_KEYS", default_value_t = 0)]
+    load_keys: u64,
     /// Seconds of the live phase (lag measurement).
     #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
     live_secs: u64,
@@ -316,7 +323,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
     // 2. Idle write rate, then 3. the seed under the same load, once per
     // round: the follower seeds, catches up and goes live.
     settle_compactions(leader_http, Duration::from_secs(120));
-    let load = Load::start(leader_http, None);
+    let load = Load::start(leader_http, None, args.load_keys);
     let compactions = Compactions::start(leader_http, Arc::clone(&load.written));
     // One idle window from the last mark: the write rate, the share of
     // the time compacting, and the rate outside compactions.
@@ -1062,7 +1069,10 @@ struct Load {
 const LOAD_BATCH: u64 = 100;
 
 impl Load {
-    fn start(http: SocketAddr, rate: Option<u64>) -> Load {
+    /// Writes `LOAD_BATCH`-key batches to the leader until stopped, at
+    /// `rate` keys a second (or as fast as one client can), over `keys`
+    /// distinct keys (0: unbounded).
+    fn start(http: SocketAddr, rate: Option<u64>, keys: u64) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let rate_a = Arc::new(AtomicU64::new(rate.unwrap_or(0)));
         let written = Arc::new(AtomicU64::new(0));
@@ -1079,7 +1089,11 @@ impl Load {
                     let ops: Vec<Value> = (0..LOAD_BATCH)
                         .map(|i| {
                             let v = datagen::realistic_value(&mut rng, n + i, 200);
-                            json!({"op": "put", "key": format!("load:{:016x}", rng.random::<u64>()), "value": String::from_utf8_lossy(&v)})
+                            let key = match keys {
+                                0 => rng.random::<u64>(),
+                                k => rng.random_range(0..k),
+                            };
+                            json!({"op": "put", "key": format!("load:{key:016x}"), "value": String::from_utf8_lossy(&v)})
                         })
                         .collect();
                     let ok = agent
@@ -1313,9 +1327,7 @@ mod tests {
 
     #[test]
     fn rounds_report_the_median_and_the_worst_ratio() {
-        let r = |ratio: f64, aa: Option<f64>| {
-            json!({ "leader_write_ratio": ratio, "leader_idle_repeat_ratio": aa })
-        };
+        let r = |ratio: f64, aa: Option<f64>| json!({ "leader_write_ratio": ratio, "leader_idle_repeat_ratio": aa });
         let s = rounds_summary(&[r(0.9, Some(1.1)), r(0.7, Some(0.85)), r(0.85, None)]);
         assert_eq!(s["count"], 3);
         assert_eq!(s["leader_write_ratio_median"], 0.85);
