@@ -11,6 +11,8 @@
 #                       (structured records, about 2x compressible)
 #   FERRY_BENCH_SIZE    size of a new dataset (default 2GiB)
 #   FERRY_BENCH_OUT     also write the markdown table to this file
+#   FERRY_BENCH_SETTLE  seconds to wait after clearing the target, before
+#                       each timed run (default 0; see below)
 #
 # Every method copies the same files into an empty target on the same
 # filesystem, with the source in the page cache. ferry fsyncs every byte it
@@ -22,12 +24,23 @@
 # CPU: "client" is the receiving side (the command's own processes),
 # "server" the rest of the machine during the run (the ferry leader, sshd
 # and rsync's sender, the rsync daemon, the tar side of nc).
+#
+# Each timed run starts FERRY_BENCH_SETTLE seconds after the previous copy
+# was deleted. This VM's balloon driver reports freed memory to the host
+# ("Free page reporting enabled" at boot), which takes it back within
+# seconds; a copy that writes into pages the host has taken back spends
+# about 4x the kernel time in the page-cache copy (a 1 GB ferry seed: 3.2-
+# 3.7 s instead of 1.4-1.7 s, measured with and without a 6 s wait). Without the wait, whether a method gets warm or cold
+# pages depends on how soon it starts after the delete, and so on its
+# place in the order; with it, every method starts on the same cold pages,
+# as on a host that has just been given the memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 VALUES=${FERRY_BENCH_VALUES:-dbbench}
 DATA=${FERRY_BENCH_DATA:-/tmp/ferry-bench/dataset-$VALUES}
 SIZE=${FERRY_BENCH_SIZE:-2GiB}
+SETTLE=${FERRY_BENCH_SETTLE:-0}
 WORK=$(mktemp -d /tmp/ferry-bench-run.XXXXXX)
 FERRY_BENCH_TOOLS=1 scripts/setup
 cargo build --release --locked -p ferry >&2
@@ -109,7 +122,7 @@ check_copy() { # the copy must hold every byte of the source
 declare -A TIMES CLIENT SERVER
 timed() { # key command...
   local key=$1; shift
-  rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync
+  rm -rf "$WORK/dst"; mkdir -p "$WORK/dst"; sync; sleep "$SETTLE"
   local t0 t1 m0 m1 c0 c1
   m0=$(machine_cpu); children_cpu_to "$WORK/c0"; t0=$(date +%s.%N)
   "$@" > "$WORK/last.out" 2> "$WORK/last.err" || { echo "$key failed:" >&2; cat "$WORK/last.err" >&2; exit 1; }
@@ -175,7 +188,7 @@ daemon_med=$(echo "${TIMES[rsync-daemon]}" | median)
 floor_med=$(echo "${TIMES[cp-fsync]}" | median)
 GB=$(echo "scale=4; $BYTES/1000000000" | bc)
 {
-  echo "Dataset: $VALUES, $FILES files, $BYTES bytes ($(printf '%.2f' "$GB") GB). Runs per method: $RUNS, interleaved. Date: $(date -u +%F). Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, loopback."
+  echo "Dataset: $VALUES, $FILES files, $BYTES bytes ($(printf '%.2f' "$GB") GB). Runs per method: $RUNS, interleaved, each $SETTLE s after the last delete. Date: $(date -u +%F). Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB, loopback."
   echo
   echo "| method | median s | GB/s | vs rsync over ssh | vs rsync daemon | vs durable floor | client CPU s/GB | server CPU s/GB | runs (s) |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---|"
