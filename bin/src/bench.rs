@@ -738,13 +738,14 @@ fn print_table(o: &Value) {
     }
     let rounds = &o["rounds"];
     if rounds["count"].as_u64().unwrap_or(0) > 1 {
-        let each = |k: &str, digits: usize| -> String {
+        // Every round's `k`, times `scale`, with `digits` decimals.
+        let each = |k: &str, digits: usize, scale: f64| -> String {
             let v: Vec<String> = rounds["each"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .map(|r| match r[k].as_f64() {
-                    Some(x) => format!("{x:.digits$}"),
+                    Some(x) => format!("{:.digits$}", x * scale),
                     None => "-".into(),
                 })
                 .collect();
@@ -757,17 +758,8 @@ fn print_table(o: &Value) {
                 rounds["leader_write_ratio_median"].as_f64().unwrap_or(0.0),
                 rounds["leader_write_ratio_min"].as_f64().unwrap_or(0.0),
                 rounds["count"],
-                each("leader_write_ratio", 2),
-                rounds["each"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|r| format!(
-                        "{:.1}",
-                        r["seed_bytes_per_sec"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                each("leader_write_ratio", 2, 1.0),
+                each("seed_bytes_per_sec", 1, 1.0 / (1 << 20) as f64),
             ),
         ));
         if let (Some(lo), Some(hi)) = (
@@ -778,7 +770,7 @@ fn print_table(o: &Value) {
                 "A/A, every round (no seed)",
                 format!(
                     "{lo:.2}x to {hi:.2}x ({})",
-                    each("leader_idle_repeat_ratio", 2)
+                    each("leader_idle_repeat_ratio", 2, 1.0)
                 ),
             ));
         }
