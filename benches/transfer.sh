@@ -30,10 +30,10 @@
 # ("Free page reporting enabled" at boot), which takes it back within
 # seconds; a copy that writes into pages the host has taken back spends
 # about 4x the kernel time in the page-cache copy (a 1 GB ferry seed: 3.2-
-# 3.7 s instead of 1.4-1.7 s, measured with and without a 6 s wait). Without the wait, whether a method gets warm or cold
-# pages depends on how soon it starts after the delete, and so on its
-# place in the order; with it, every method starts on the same cold pages,
-# as on a host that has just been given the memory.
+# 3.7 s instead of 1.4-1.7 s, measured with and without a 6 s wait). At 0,
+# a method writes into the pages the delete just freed, as on a host
+# without the balloon, for as long as they last; at 8, every method starts
+# on cold pages, as on a host that has just been given the memory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
