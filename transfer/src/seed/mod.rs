@@ -25,8 +25,9 @@
 //! The code is split by concern: this module drives a seed (connect,
 //! reconcile, fetch, install, report); [`staging`] holds the durable
 //! staging state and its crash-safety argument; `fetch` verifies and writes
-//! chunks; `reuse` takes matching chunks from an old database; `install`
-//! moves a finished seed into place.
+//! chunks (`direct`: past the page cache where the filesystem allows);
+//! `reuse` takes matching chunks from an old database; `install` moves a
+//! finished seed into place.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::net::SocketAddr;
@@ -48,6 +49,7 @@ use crate::endpoint::{client_endpoint, unspecified_for, EndpointError, Transport
 use crate::protocol::{Codec, Frame, Role};
 use crate::wire::{expect_frame, write_frame, WireError};
 
+mod direct;
 mod fetch;
 mod install;
 mod reuse;
