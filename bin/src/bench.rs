@@ -407,6 +407,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         std::fs::remove_dir_all(follower_dir)
             .with_context(|| format!("remove {}", follower_dir.display()))?;
     };
+    let (seed_secs, seed_bytes) = (seeded.secs(), seeded.bytes());
     let SeedRound {
         report: seed_report,
         rate: seed_rate,
@@ -417,8 +418,6 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         follower_rss: f_rss_seed,
         to_live,
     } = seeded;
-    let seed_secs = seed_report["elapsed_secs"].as_f64().unwrap_or(0.0);
-    let seed_bytes = seed_report["bytes_total"].as_u64().unwrap_or(0);
     let gb = seed_bytes as f64 / 1e9;
 
     // 4. Live: lag under load.
