@@ -90,6 +90,23 @@ pub struct BenchArgs {
     /// every write, as many megabytes a second as the load runs at.
     #[arg(long, env = "FERRY_LOAD_KEYS", default_value_t = 0)]
     load_keys: u64,
+    /// Measure the seed's cost to the writes in pairs as well: during the
+    /// seed the follower is paused (SIGSTOP) and resumed every this many
+    /// milliseconds, and each slice with the seed running is compared with
+    /// the paused slices on either side of it, so drift and compactions
+    /// fall on both sides alike (an idle window before the seed cannot
+    /// promise that). The A/A window, with --idle-repeat, is cut into the
+    /// same slices with no seed at all. The first fifth of each slice, the
+    /// switch settling, is not counted. The seed takes about twice as
+    /// long. At most 2000, so that a paused follower stays well inside
+    /// the QUIC idle timeout (3 s); 0 turns it off.
+    #[arg(
+        long,
+        env = "FERRY_PAIRED_SLICE_MS",
+        default_value_t = 0,
+        value_parser = parse_slice_ms
+    )]
+    paired_slice_ms: u64,
     /// Seconds of the live phase (lag measurement).
     #[arg(long, env = "FERRY_LIVE_SECS", default_value_t = 5)]
     live_secs: u64,
@@ -331,6 +348,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         std::thread::sleep(Duration::from_secs(args.idle_secs.max(1)));
         (load.rate_since_mark(), compactions.since_mark())
     };
+    let slice = (args.paired_slice_ms > 0).then(|| Duration::from_millis(args.paired_slice_ms));
     let rounds_total = args.seed_rounds.max(1);
     let mut rounds: Vec<Value> = Vec::new();
     let (idle_rate, idle_compacting, idle_quiet_rate, repeat, mut follower, f_http, seeded) = loop {
@@ -345,13 +363,16 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         compactions.mark();
         phases.say(format!("measuring the leader's idle write rate{of}"));
         let (idle_rate, (idle_compacting, idle_quiet_rate)) = idle_window();
+        let mut aa_slices = None;
         let repeat = args.idle_repeat.then(|| {
             phases.say(format!(
                 "measuring the leader's idle write rate again (A/A){of}"
             ));
             load.mark();
             compactions.mark();
+            let pauser = slice.map(|len| Pauser::start(None, Arc::clone(&load.written), len));
             let (rate, (compacting, _)) = idle_window();
+            aa_slices = pauser.map(Pauser::finish);
             (rate, compacting)
         });
         phases.say(format!("seeding the follower{of}"));
@@ -385,6 +406,8 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
             "leader_write_ratio": round(ratio, 3),
             "seed_secs": round(seeded.secs(), 3),
             "seed_bytes_per_sec": (seeded.bytes() as f64 / seeded.secs().max(1e-9)).round(),
+            "paired": seeded.paired.as_ref().map(Slices::summary),
+            "paired_aa": aa_slices.as_ref().map(Slices::summary),
         }));
         if n == rounds_total {
             break (
@@ -417,6 +440,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         follower_cpu: f_cpu_seed,
         follower_rss: f_rss_seed,
         to_live,
+        paired: _,
     } = seeded;
     let gb = seed_bytes as f64 / 1e9;
 
@@ -496,6 +520,9 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_seed_compacting_share": round(seed_compacting, 2),
         "leader_idle_quiet_writes_per_sec": idle_quiet_rate.map(f64::round),
         "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
+        "paired_slice_ms": slice.map(|d| d.as_millis() as u64),
+        "leader_paired": rounds.last().map(|r| r["paired"].clone()),
+        "leader_paired_aa": rounds.last().map(|r| r["paired_aa"].clone()),
         "rounds": rounds_summary(&rounds),
         "leader_write_ratio_outside_compactions": idle_quiet_rate
             .zip(seed_quiet_rate)
@@ -530,6 +557,9 @@ struct SeedRound {
     follower_rss: u64,
     /// From the follower's start until it was live.
     to_live: Duration,
+    /// The write rates of the slices with the seed running and paused
+    /// (with --paired-slice-ms).
+    paired: Option<Slices>,
 }
 
 impl SeedRound {
@@ -572,10 +602,20 @@ fn seed_follower(
         None,
     )?;
     follower.wait_up(Duration::from_secs(60))?;
+    // A status request to a paused follower waits until it is resumed.
+    let mut pauser = args.paired_slice_ms.gt(&0).then(|| {
+        Pauser::start(
+            Some(follower.pid()),
+            Arc::clone(&load.written),
+            Duration::from_millis(args.paired_slice_ms),
+        )
+    });
     let mut seeded: Option<SeedRound> = None;
     loop {
         let s = follower.status()?;
         if seeded.is_none() && s["last_seed"].is_object() {
+            // The slice under way when the seed ended is not counted.
+            let paired = pauser.take().map(Pauser::finish);
             let (compacting, quiet_rate) = compactions.since_mark();
             seeded = Some(SeedRound {
                 report: s["last_seed"].clone(),
@@ -588,6 +628,7 @@ fn seed_follower(
                 // database (its memtables are sized by RocksDB, not the seed).
                 follower_rss: follower.peak_rss(),
                 to_live: Duration::ZERO,
+                paired,
             });
             load.set_rate(Some(args.write_rate));
             phases.say("catching up");
@@ -617,12 +658,169 @@ fn seed_follower(
     }
 }
 
+/// `--paired-slice-ms`: 0 (off) or 200 to 2000.
+fn parse_slice_ms(v: &str) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(ms) if ms == 0 || (200..=2000).contains(&ms) => Ok(ms),
+        Ok(ms) => Err(format!("{ms} ms: use 0 (off) or 200 to 2000")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The load's write rates in alternating slices, in order: `on[i]` came
+/// just before `off[i]`.
+#[derive(Debug, Default)]
+struct Slices {
+    on: Vec<f64>,
+    off: Vec<f64>,
+}
+
+impl Slices {
+    /// Each `on` slice that has an `off` slice after it, against the mean
+    /// of the `off` slices on either side (only the one after, for the
+    /// first): a drift at a steady pace cancels.
+    fn pairs(&self) -> Vec<(f64, f64)> {
+        (0..self.on.len().min(self.off.len()))
+            .map(|i| {
+                let base = match i {
+                    0 => self.off[0],
+                    _ => (self.off[i - 1] + self.off[i]) / 2.0,
+                };
+                (self.on[i], base)
+            })
+            .collect()
+    }
+
+    /// The pooled ratio (mean `on` rate over mean baseline), and each
+    /// pair's median and minimum.
+    fn summary(&self) -> Value {
+        let pairs = self.pairs();
+        let n = pairs.len();
+        let on = pairs.iter().map(|p| p.0).sum::<f64>() / n.max(1) as f64;
+        let base = pairs.iter().map(|p| p.1).sum::<f64>() / n.max(1) as f64;
+        let each: Vec<f64> = pairs.iter().map(|(a, b)| a / b.max(1e-9)).collect();
+        json!({
+            "pairs": n,
+            "on_writes_per_sec": on.round(),
+            "off_writes_per_sec": base.round(),
+            "ratio": (n > 0).then(|| round(on / base.max(1e-9), 3)),
+            "ratio_median": (n > 0).then(|| round(median(&each), 3)),
+            "ratio_min": each.iter().copied().reduce(f64::min).map(|r| round(r, 3)),
+        })
+    }
+}
+
+/// Alternates slices of `len`, pausing a process (SIGSTOP) in every
+/// second one and resuming it (SIGCONT) in the next, and measures the
+/// load's write rate in each, leaving out its first fifth (the switch
+/// settling). With no process, the slices are labels only: an A/A test
+/// of the pairing.
+struct Pauser {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Slices>>,
+}
+
+impl Pauser {
+    fn start(pid: Option<u32>, written: Arc<AtomicU64>, len: Duration) -> Pauser {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                // Sleeps until `t`, or returns false when told to stop.
+                let until = |t: Instant| {
+                    while let Some(left) = t.checked_duration_since(Instant::now()) {
+                        if stop.load(Ordering::Relaxed) {
+                            return false;
+                        }
+                        std::thread::sleep(left.min(Duration::from_millis(10)));
+                    }
+                    !stop.load(Ordering::Relaxed)
+                };
+                let mut slices = Slices::default();
+                let mut running = true;
+                loop {
+                    let start = Instant::now();
+                    if !until(start + len / 5) {
+                        break;
+                    }
+                    let (t0, n0) = (Instant::now(), written.load(Ordering::Relaxed));
+                    if !until(start + len) {
+                        break;
+                    }
+                    let rate = (written.load(Ordering::Relaxed) - n0) as f64
+                        / t0.elapsed().as_secs_f64().max(1e-9);
+                    if running {
+                        slices.on.push(rate);
+                    } else {
+                        slices.off.push(rate);
+                    }
+                    running = !running;
+                    if let Some(pid) = pid {
+                        let sig = if running { "CONT" } else { "STOP" };
+                        if let Err(e) = send_signal(pid, sig) {
+                            tracing::warn!("paired slices: {e:#}");
+                        }
+                    }
+                }
+                if let (false, Some(pid)) = (running, pid) {
+                    if let Err(e) = send_signal(pid, "CONT") {
+                        tracing::warn!("paired slices: {e:#}");
+                    }
+                }
+                slices
+            })
+        };
+        Pauser {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops slicing (the slice under way is not counted) and leaves the
+    /// process running.
+    fn finish(mut self) -> Slices {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Pauser {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `kill -SIG pid`.
+fn send_signal(pid: u32, sig: &str) -> Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .context("run kill")?;
+    ensure!(st.success(), "kill -{sig} {pid} failed");
+    Ok(())
+}
+
 /// Every round's figures, with the median and the minimum of the seed's
 /// write ratio and the range of the A/A ratio across rounds.
 fn rounds_summary(rounds: &[Value]) -> Value {
     let of = |k: &str| -> Vec<f64> { rounds.iter().filter_map(|r| r[k].as_f64()).collect() };
+    let of_paired = |k: &str| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|r| r[k]["ratio"].as_f64())
+            .collect()
+    };
     let ratios = of("leader_write_ratio");
     let aa = of("leader_idle_repeat_ratio");
+    let paired = of_paired("paired");
+    let paired_aa = of_paired("paired_aa");
     let min = |v: &[f64]| v.iter().copied().reduce(f64::min);
     let max = |v: &[f64]| v.iter().copied().reduce(f64::max);
     json!({
@@ -631,6 +829,10 @@ fn rounds_summary(rounds: &[Value]) -> Value {
         "leader_write_ratio_min": min(&ratios),
         "leader_idle_repeat_ratio_min": min(&aa),
         "leader_idle_repeat_ratio_max": max(&aa),
+        "paired_ratio_median": (!paired.is_empty()).then(|| round(median(&paired), 3)),
+        "paired_ratio_min": min(&paired),
+        "paired_aa_ratio_min": min(&paired_aa),
+        "paired_aa_ratio_max": max(&paired_aa),
         "each": rounds,
     })
 }
@@ -735,15 +937,34 @@ fn print_table(o: &Value) {
             ),
         ));
     }
+    let paired = |p: &Value| -> Option<String> {
+        Some(format!(
+            "{:.2}x: {:.0}/s vs {:.0}/s over {} pairs of {} ms slices (each pair: median {:.2}x, min {:.2}x)",
+            p["ratio"].as_f64()?,
+            p["on_writes_per_sec"].as_f64().unwrap_or(0.0),
+            p["off_writes_per_sec"].as_f64().unwrap_or(0.0),
+            p["pairs"],
+            o["paired_slice_ms"],
+            p["ratio_median"].as_f64().unwrap_or(0.0),
+            p["ratio_min"].as_f64().unwrap_or(0.0),
+        ))
+    };
+    if let Some(v) = paired(&o["leader_paired"]) {
+        rows.push(("leader writes, seed running vs paused (paired)", v));
+    }
+    if let Some(v) = paired(&o["leader_paired_aa"]) {
+        rows.push(("paired A/A (slices with no seed)", v));
+    }
     let rounds = &o["rounds"];
     if rounds["count"].as_u64().unwrap_or(0) > 1 {
-        // Every round's `k`, times `scale`, with `digits` decimals.
+        // Every round's value at the JSON pointer `k`, times `scale`, with
+        // `digits` decimals.
         let each = |k: &str, digits: usize, scale: f64| -> String {
             let v: Vec<String> = rounds["each"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|r| match r[k].as_f64() {
+                .map(|r| match r.pointer(k).and_then(Value::as_f64) {
                     Some(x) => format!("{:.digits$}", x * scale),
                     None => "-".into(),
                 })
@@ -757,8 +978,8 @@ fn print_table(o: &Value) {
                 rounds["leader_write_ratio_median"].as_f64().unwrap_or(0.0),
                 rounds["leader_write_ratio_min"].as_f64().unwrap_or(0.0),
                 rounds["count"],
-                each("leader_write_ratio", 2, 1.0),
-                each("seed_bytes_per_sec", 1, 1.0 / (1 << 20) as f64),
+                each("/leader_write_ratio", 2, 1.0),
+                each("/seed_bytes_per_sec", 1, 1.0 / (1 << 20) as f64),
             ),
         ));
         if let (Some(lo), Some(hi)) = (
@@ -769,7 +990,29 @@ fn print_table(o: &Value) {
                 "A/A, every round (no seed)",
                 format!(
                     "{lo:.2}x to {hi:.2}x ({})",
-                    each("leader_idle_repeat_ratio", 2, 1.0)
+                    each("/leader_idle_repeat_ratio", 2, 1.0)
+                ),
+            ));
+        }
+        if let Some(m) = rounds["paired_ratio_median"].as_f64() {
+            rows.push((
+                "paired, every round",
+                format!(
+                    "median {m:.2}x, min {:.2}x ({})",
+                    rounds["paired_ratio_min"].as_f64().unwrap_or(0.0),
+                    each("/paired/ratio", 2, 1.0)
+                ),
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (
+            rounds["paired_aa_ratio_min"].as_f64(),
+            rounds["paired_aa_ratio_max"].as_f64(),
+        ) {
+            rows.push((
+                "paired A/A, every round (no seed)",
+                format!(
+                    "{lo:.2}x to {hi:.2}x ({})",
+                    each("/paired_aa/ratio", 2, 1.0)
                 ),
             ));
         }
@@ -916,13 +1159,7 @@ impl Node {
     }
 
     fn signal(&self, sig: &str) -> Result<()> {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .context("run kill")?;
-        ensure!(st.success(), "kill -{sig} {} failed", self.pid());
-        Ok(())
+        send_signal(self.pid(), sig)
     }
 
     fn cpu_secs(&self) -> f64 {
@@ -1329,6 +1566,47 @@ mod tests {
         let s = rounds_summary(&[r(0.8, None), r(0.9, None)]);
         assert_eq!(s["leader_write_ratio_median"], 0.85);
         assert!(s["leader_idle_repeat_ratio_min"].is_null());
+    }
+
+    #[test]
+    fn paired_slices_cancel_a_steady_drift() {
+        // The writes speed up by 10/s every slice, seed or not: on slices
+        // at 0, 2, 4, 6 and off slices at 1, 3, 5, 7, and the seed costs
+        // a fifth of the rate.
+        let at = |i: usize| 1000.0 + 10.0 * i as f64;
+        let s = Slices {
+            on: (0..4).map(|i| 0.8 * at(2 * i)).collect(),
+            off: (0..4).map(|i| at(2 * i + 1)).collect(),
+        };
+        let p = s.pairs();
+        assert_eq!(p.len(), 4);
+        // Between two off slices, the baseline is the on slice's own time.
+        for (i, (on, base)) in p.iter().enumerate().skip(1) {
+            assert_eq!(*base, at(2 * i));
+            assert!((on / base - 0.8).abs() < 1e-12);
+        }
+        let sum = s.summary();
+        assert_eq!(sum["pairs"], 4);
+        assert_eq!(sum["ratio_median"], 0.8);
+        // Only the first pair, with no off slice before it, sees the drift.
+        assert_eq!(sum["ratio_min"], 0.792);
+        // An on slice without the off slice after it is not a pair.
+        let s = Slices {
+            on: vec![900.0, 1.0],
+            off: vec![1000.0],
+        };
+        assert_eq!(s.summary()["pairs"], 1);
+        assert_eq!(s.summary()["ratio"], 0.9);
+        assert!(Slices::default().summary()["ratio"].is_null());
+    }
+
+    #[test]
+    fn slices_are_0_or_200_to_2000_ms() {
+        assert_eq!(parse_slice_ms("0"), Ok(0));
+        assert_eq!(parse_slice_ms("1500"), Ok(1500));
+        assert!(parse_slice_ms("100").is_err());
+        assert!(parse_slice_ms("2500").is_err());
+        assert!(parse_slice_ms("x").is_err());
     }
 
     #[test]

@@ -54,27 +54,6 @@ fn parse_scaled(s: &str, base: u64, units: &[&str]) -> Result<u64, ()> {
     Ok((n * mult as f64) as u64)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes_and_rates() {
-        assert_eq!(parse_size("1048576"), Ok(1 << 20));
-        assert_eq!(parse_size("64K"), Ok(64 << 10));
-        assert_eq!(parse_size("100M"), Ok(100 << 20));
-        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_size("2GB"), Ok(2 << 30));
-        assert_eq!(parse_size("1.5k"), Ok(1536));
-        assert!(parse_size("-1M").is_err());
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("").is_err());
-        assert_eq!(parse_bits("1G"), Ok(1_000_000_000));
-        assert_eq!(parse_bits("10Gbit"), Ok(10_000_000_000));
-        assert_eq!(parse_bits("100mbps"), Ok(100_000_000));
-    }
-}
-
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -178,4 +157,25 @@ pub async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_rates() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("2GB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5k"), Ok(1536));
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("").is_err());
+        assert_eq!(parse_bits("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_bits("10Gbit"), Ok(10_000_000_000));
+        assert_eq!(parse_bits("100mbps"), Ok(100_000_000));
+    }
 }
