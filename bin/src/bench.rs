@@ -407,6 +407,10 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
             "seed_secs": round(seeded.secs(), 3),
             "seed_bytes_per_sec": (seeded.bytes() as f64 / seeded.secs().max(1e-9)).round(),
             "paired": seeded.paired.as_ref().map(Slices::summary),
+            // With --paired-slice-ms: the seed's rate while it ran.
+            "seed_running_bytes_per_sec": seeded.paired.as_ref().map(|p| {
+                (seeded.bytes() as f64 / (seeded.secs() - p.paused.as_secs_f64()).max(1e-9)).round()
+            }),
             "paired_aa": aa_slices.as_ref().map(Slices::summary),
         }));
         if n == rounds_total {
@@ -522,6 +526,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
         "paired_slice_ms": slice.map(|d| d.as_millis() as u64),
         "leader_paired": rounds.last().map(|r| r["paired"].clone()),
+        "seed_running_bytes_per_sec": rounds.last().map(|r| r["seed_running_bytes_per_sec"].clone()),
         "leader_paired_aa": rounds.last().map(|r| r["paired_aa"].clone()),
         "rounds": rounds_summary(&rounds),
         "leader_write_ratio_outside_compactions": idle_quiet_rate
@@ -673,6 +678,8 @@ fn parse_slice_ms(v: &str) -> Result<u64, String> {
 struct Slices {
     on: Vec<f64>,
     off: Vec<f64>,
+    /// How long the process was paused in all (the uncounted parts too).
+    paused: Duration,
 }
 
 impl Slices {
@@ -706,6 +713,7 @@ impl Slices {
             "ratio": (n > 0).then(|| round(on / base.max(1e-9), 3)),
             "ratio_median": (n > 0).then(|| round(median(&each), 3)),
             "ratio_min": each.iter().copied().reduce(f64::min).map(|r| round(r, 3)),
+            "paused_secs": round(self.paused.as_secs_f64(), 3),
         })
     }
 }
@@ -738,6 +746,7 @@ impl Pauser {
                 };
                 let mut slices = Slices::default();
                 let mut running = true;
+                let mut paused_at = Instant::now();
                 loop {
                     let start = Instant::now();
                     if !until(start + len / 5) {
@@ -755,6 +764,10 @@ impl Pauser {
                         slices.off.push(rate);
                     }
                     running = !running;
+                    match running {
+                        false => paused_at = Instant::now(),
+                        true => slices.paused += paused_at.elapsed(),
+                    }
                     if let Some(pid) = pid {
                         let sig = if running { "CONT" } else { "STOP" };
                         if let Err(e) = send_signal(pid, sig) {
@@ -762,9 +775,12 @@ impl Pauser {
                         }
                     }
                 }
-                if let (false, Some(pid)) = (running, pid) {
-                    if let Err(e) = send_signal(pid, "CONT") {
-                        tracing::warn!("paired slices: {e:#}");
+                if !running {
+                    slices.paused += paused_at.elapsed();
+                    if let Some(pid) = pid {
+                        if let Err(e) = send_signal(pid, "CONT") {
+                            tracing::warn!("paired slices: {e:#}");
+                        }
                     }
                 }
                 slices
@@ -951,6 +967,17 @@ fn print_table(o: &Value) {
     };
     if let Some(v) = paired(&o["leader_paired"]) {
         rows.push(("leader writes, seed running vs paused (paired)", v));
+        if let Some(r) = o["seed_running_bytes_per_sec"].as_f64() {
+            rows.push((
+                "seed while running (paired)",
+                format!(
+                    "{:.1} MiB/s, paused {:.1} s of {:.2} s",
+                    r / (1 << 20) as f64,
+                    o["leader_paired"]["paused_secs"].as_f64().unwrap_or(0.0),
+                    o["seed_secs"].as_f64().unwrap_or(0.0)
+                ),
+            ));
+        }
     }
     if let Some(v) = paired(&o["leader_paired_aa"]) {
         rows.push(("paired A/A (slices with no seed)", v));
@@ -998,9 +1025,10 @@ fn print_table(o: &Value) {
             rows.push((
                 "paired, every round",
                 format!(
-                    "median {m:.2}x, min {:.2}x ({})",
+                    "median {m:.2}x, min {:.2}x ({}); seeds MiB/s while running: {}",
                     rounds["paired_ratio_min"].as_f64().unwrap_or(0.0),
-                    each("/paired/ratio", 2, 1.0)
+                    each("/paired/ratio", 2, 1.0),
+                    each("/seed_running_bytes_per_sec", 1, 1.0 / (1 << 20) as f64),
                 ),
             ));
         }
@@ -1577,6 +1605,7 @@ mod tests {
         let s = Slices {
             on: (0..4).map(|i| 0.8 * at(2 * i)).collect(),
             off: (0..4).map(|i| at(2 * i + 1)).collect(),
+            paused: Duration::ZERO,
         };
         let p = s.pairs();
         assert_eq!(p.len(), 4);
@@ -1594,6 +1623,7 @@ mod tests {
         let s = Slices {
             on: vec![900.0, 1.0],
             off: vec![1000.0],
+            paused: Duration::ZERO,
         };
         assert_eq!(s.summary()["pairs"], 1);
         assert_eq!(s.summary()["ratio"], 0.9);
