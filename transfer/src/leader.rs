@@ -1460,11 +1460,10 @@ impl Server {
             // Marked at every look while held, not once released: a tick
             // in which a chunk only waited measured the foreground, not the
             // link.
-            b.limiter
-                .acquire(data.len() as u64, || {
-                    link.held_for_foreground.store(true, Ordering::Relaxed)
-                })
-                .await;
+            b.acquire(data.len() as u64, || {
+                link.held_for_foreground.store(true, Ordering::Relaxed)
+            })
+            .await;
         }
         *link.sent.lock() += Encoding {
             raw: u64::from(raw_len),
@@ -1893,16 +1892,22 @@ impl Registry {
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
 /// sync. Writes far over the threshold cut deeper, to the threshold's
-/// share of their latency and at most by half. Any other tick raises it by
-/// a twentieth of the ceiling (`busy_max_rate`), or by a quarter of that
+/// share of their latency and at most by half. Any other tick in which the
+/// limiter held the seed back raises it by a twentieth of the ceiling
+/// (`busy_max_rate`), or by a quarter of that
 /// within 15 % of the rate at which the last run of cuts began: latency
 /// answers a tick or two late, and full steps there overshot into 30 ms
-/// writes. A seed that starts while the store takes writes starts at a
-/// quarter of the ceiling and grows. So a seed takes what the foreground
-/// leaves free and no more.
+/// writes. A tick in which the seed took less than its rate (the follower
+/// or the network held it up) leaves the rate as it was: it showed nothing
+/// about a higher one. A seed that starts while the store takes writes
+/// starts at a quarter of the ceiling and grows. So a seed takes what the
+/// foreground leaves free and no more.
 struct BusyControl {
     limiter: RateLimiter,
     ceiling: f64,
+    /// Set when the limiter held a chunk back since the last tick: the
+    /// seed wanted more than its rate.
+    held: AtomicBool,
     state: Mutex<BusyState>,
 }
 
@@ -2017,15 +2022,37 @@ impl BusyControl {
         Self {
             limiter: RateLimiter::new(ceiling),
             ceiling: ceiling.max(1) as f64,
+            held: AtomicBool::new(false),
             state: Mutex::new(BusyState::default()),
         }
     }
 
-    fn tick(&self, latency: Option<(Duration, u64)>, seeding: bool) {
-        self.tick_with(latency, seeding, CpuTimes::read());
+    /// Takes `n` bytes of the seed rate. While held, it marks the seed as
+    /// wanting more than its rate, and calls `holding` at each look.
+    async fn acquire(&self, n: u64, mut holding: impl FnMut()) {
+        self.limiter
+            .acquire(n, || {
+                self.held.store(true, Ordering::Relaxed);
+                holding()
+            })
+            .await
     }
 
-    fn tick_with(&self, latency: Option<(Duration, u64)>, seeding: bool, cpu: Option<CpuTimes>) {
+    fn tick(&self, latency: Option<(Duration, u64)>, seeding: bool) {
+        let limited = self.held.swap(false, Ordering::Relaxed);
+        self.tick_with(latency, seeding, limited, CpuTimes::read());
+    }
+
+    /// One tick: `latency` is the writes' mean latency and count since the
+    /// last, `seeding` whether a seed runs under writes, and `limited`
+    /// whether the limiter held a seed's chunk back since the last tick.
+    fn tick_with(
+        &self,
+        latency: Option<(Duration, u64)>,
+        seeding: bool,
+        limited: bool,
+        cpu: Option<CpuTimes>,
+    ) {
         let mut st = self.state.lock();
         let saturated = match (st.cpu, cpu) {
             (Some(a), Some(b)) if b.total > a.total => {
@@ -2089,6 +2116,13 @@ impl BusyControl {
             // they answer a tick or two late, so cutting a fifth a tick
             // after a spike left several more ticks of slow writes.
             (rate * within.clamp(Self::DEEPEST_CUT, Self::CUT)).max(floor)
+        } else if !limited && !started {
+            // A seed that took less than its rate (paused, or held up by
+            // the network or the follower) has shown nothing about a
+            // higher one. Grown through such ticks, a stalled seed came
+            // back at a rate the writes had never been shown to bear.
+            st.cutting = false;
+            rate
         } else {
             st.cutting = false;
             // Near the rate that last hurt the writes, grow by a quarter
@@ -2646,7 +2680,7 @@ mod tests {
         let mut t = 0;
         let mut tick = |lat, seeding| {
             t += 100;
-            b.tick_with(lat, seeding, cpu(t));
+            b.tick_with(lat, seeding, true, cpu(t));
         };
         // Half a minute of 1 ms writes, then a second of 3 ms writes (a
         // compaction) just before the seed starts.
@@ -2681,7 +2715,7 @@ mod tests {
         for i in 0..20u64 {
             t += 100;
             let lat = Some((Duration::from_millis(1 + i % 7), 2));
-            b.tick_with(lat, true, cpu(t / 2, t));
+            b.tick_with(lat, true, true, cpu(t / 2, t));
         }
         assert_eq!(b.limiter.rate(), 100.0 * MB);
     }
@@ -2693,17 +2727,17 @@ mod tests {
         let ms = |m: u64| Some((Duration::from_millis(m), 100));
         let cpu = |idle: u64, total: u64| Some(CpuTimes { idle, total });
         // Idle: writes take 1 ms; that is the baseline.
-        b.tick_with(ms(1), false, cpu(0, 0));
-        b.tick_with(ms(1), false, cpu(50, 100));
+        b.tick_with(ms(1), false, true, cpu(0, 0));
+        b.tick_with(ms(1), false, true, cpu(50, 100));
         assert_eq!(b.limiter.rate(), 100.0 * MB);
         // A seed starts at a quarter of the ceiling. It slows the writes
         // down: the rate is cut, to the floor at most. Writes at 2 ms,
         // against a threshold of 1.15 ms, keep 1.15/2 of the rate.
-        b.tick_with(ms(2), true, cpu(100, 200));
+        b.tick_with(ms(2), true, true, cpu(100, 200));
         let cut = b.limiter.rate() / (25.0 * MB);
         assert!((cut - 0.575).abs() < 1e-9, "{cut}");
         for _ in 0..50 {
-            b.tick_with(ms(2), true, cpu(100, 200));
+            b.tick_with(ms(2), true, true, cpu(100, 200));
         }
         assert_eq!(b.limiter.rate(), BusyControl::FLOOR);
         // Writes are healthy again: it grows back, by quarter steps around
@@ -2713,7 +2747,7 @@ mod tests {
         let mut rates = Vec::new();
         for _ in 0..30 {
             t += 100;
-            b.tick_with(ms(1), true, cpu(t / 2, t));
+            b.tick_with(ms(1), true, true, cpu(t / 2, t));
             rates.push(b.limiter.rate() / MB);
         }
         let steps: Vec<f64> = rates.windows(2).map(|w| w[1] - w[0]).collect();
@@ -2723,12 +2757,13 @@ mod tests {
         assert_eq!(b.limiter.rate(), 100.0 * MB);
         // A host with no idle CPU cuts it even while latency looks fine.
         t += 100;
-        b.tick_with(ms(1), true, cpu(150 + 2, t));
+        b.tick_with(ms(1), true, true, cpu(150 + 2, t));
         assert_eq!(b.limiter.rate(), 80.0 * MB);
         // Latency 1.2x idle is suffering too.
         t += 100;
         b.tick_with(
             Some((Duration::from_micros(1200), 100)),
+            true,
             true,
             cpu(t / 2, t),
         );
@@ -2737,18 +2772,93 @@ mod tests {
         // since they took 60 ms.
         let few = |m: u64| Some((Duration::from_millis(m), 2));
         t += 100;
-        b.tick_with(few(60), true, cpu(t / 2, t));
+        b.tick_with(few(60), true, true, cpu(t / 2, t));
         assert_eq!(b.limiter.rate(), 32.0 * MB);
         // Few fast writes, or none, grow it.
         t += 100;
-        b.tick_with(few(1), true, cpu(t / 2, t));
+        b.tick_with(few(1), true, true, cpu(t / 2, t));
         t += 100;
-        b.tick_with(None, true, cpu(t / 2, t));
+        b.tick_with(None, true, true, cpu(t / 2, t));
         assert_eq!(b.limiter.rate(), 42.0 * MB);
         // The next seed starts low again, and grows while writes are fine.
-        b.tick_with(ms(1), false, cpu(t / 2, t));
+        b.tick_with(ms(1), false, true, cpu(t / 2, t));
         t += 100;
-        b.tick_with(ms(1), true, cpu(t / 2, t));
+        b.tick_with(ms(1), true, true, cpu(t / 2, t));
         assert_eq!(b.limiter.rate(), 30.0 * MB);
+    }
+
+    #[test]
+    fn a_seed_that_takes_less_than_its_rate_does_not_raise_it() {
+        const MB: f64 = 1024.0 * 1024.0;
+        let b = BusyControl::new(100 << 20);
+        let ms = |m: u64| Some((Duration::from_millis(m), 100));
+        let cpu = |t: u64| {
+            Some(CpuTimes {
+                idle: t / 2,
+                total: t,
+            })
+        };
+        let mut t = 0;
+        let mut tick = |lat, seeding, limited| {
+            t += 100;
+            b.tick_with(lat, seeding, limited, cpu(t));
+        };
+        tick(ms(1), false, false);
+        // The seed starts at a quarter of the ceiling and a step, held or
+        // not.
+        tick(ms(1), true, false);
+        assert_eq!(b.limiter.rate(), 30.0 * MB);
+        // Paused (or held up elsewhere) for 1.5 s of healthy writes: the
+        // rate stays where the writes last allowed it.
+        for _ in 0..15 {
+            tick(ms(1), true, false);
+        }
+        assert_eq!(b.limiter.rate(), 30.0 * MB);
+        // Slow writes cut it whether or not the seed was held.
+        tick(ms(2), true, false);
+        assert!(b.limiter.rate() < 30.0 * MB);
+        let cut = b.limiter.rate();
+        // Held back by the limiter, it grows.
+        tick(ms(1), true, true);
+        assert!(b.limiter.rate() > cut);
+    }
+
+    #[tokio::test]
+    async fn the_busy_control_grows_only_after_it_held_a_seed_back() {
+        let b = BusyControl::new(100 << 20);
+        let cpu = |t: u64| {
+            Some(CpuTimes {
+                idle: t / 2,
+                total: t,
+            })
+        };
+        let healthy = Some((Duration::from_millis(1), 100));
+        b.tick_with(healthy, false, false, cpu(100));
+        b.tick_with(healthy, true, false, cpu(200));
+        let start = b.limiter.rate();
+        // The bucket fills to its burst (a quarter second of the rate).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Within the burst: taken at once, the rate is not raised.
+        b.acquire(1 << 10, || {}).await;
+        b.tick_with(
+            healthy,
+            true,
+            b.held.swap(false, Ordering::Relaxed),
+            cpu(300),
+        );
+        assert_eq!(b.limiter.rate(), start);
+        // A take goes once the takes before it are paid for: after 16 MiB,
+        // more than the burst, the next is held, and the rate grows.
+        b.acquire(16 << 20, || {}).await;
+        let mut looks = 0;
+        b.acquire(1 << 10, || looks += 1).await;
+        assert!(looks > 0);
+        b.tick_with(
+            healthy,
+            true,
+            b.held.swap(false, Ordering::Relaxed),
+            cpu(400),
+        );
+        assert!(b.limiter.rate() > start);
     }
 }
