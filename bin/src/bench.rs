@@ -904,7 +904,11 @@ fn print_table(o: &Value) {
             format!("{:.2} s", o["time_to_live_secs"].as_f64().unwrap_or(0.0)),
         ),
         (
-            "leader writes during seed",
+            if o["paired_slice_ms"].is_u64() {
+                "leader writes during seed (pauses included)"
+            } else {
+                "leader writes during seed"
+            },
             format!(
                 "{:.0}/s vs {:.0}/s idle = {:.2}x",
                 o["leader_seed_writes_per_sec"].as_f64().unwrap_or(0.0),
@@ -999,7 +1003,11 @@ fn print_table(o: &Value) {
             v.join(" ")
         };
         rows.push((
-            "leader writes during seed, every round",
+            if o["paired_slice_ms"].is_u64() {
+                "leader writes during seed, every round (pauses included)"
+            } else {
+                "leader writes during seed, every round"
+            },
             format!(
                 "median {:.2}x, min {:.2}x over {} rounds ({}); seeds MiB/s: {}",
                 rounds["leader_write_ratio_median"].as_f64().unwrap_or(0.0),

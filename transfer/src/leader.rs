@@ -1236,6 +1236,8 @@ impl Server {
             congestion_events = stats.path.congestion_events,
             udp_tx_datagrams = stats.udp_tx.datagrams,
             udp_tx_bytes = stats.udp_tx.bytes,
+            udp_rx_datagrams = stats.udp_rx.datagrams,
+            acks_received = stats.frame_rx.acks,
             "connection stats"
         );
         Ok(())
