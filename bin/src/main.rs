@@ -232,6 +232,13 @@ struct ServeArgs {
     /// zstd level for compressed chunks.
     #[arg(long, env = "FERRY_ZSTD_LEVEL", default_value_t = 1)]
     zstd_level: i32,
+    /// A new node's seed reuses a seed checkpoint younger than this many
+    /// seconds (followers joining together share one); an older one would
+    /// cost the new follower the WAL written since, replayed after its
+    /// seed. A node resuming its seed gets its own checkpoint back while
+    /// it is kept (60 s after its last use).
+    #[arg(long, env = "FERRY_CHECKPOINT_REUSE_SECS", default_value_t = 10)]
+    checkpoint_reuse_secs: u64,
     /// Keep obsolete WAL files this many seconds for catching-up followers.
     #[arg(long, env = "FERRY_WAL_TTL_SECS", default_value_t = 6 * 3600)]
     wal_ttl_secs: u64,
@@ -568,6 +575,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             max_rate: args.max_rate,
             busy_max_rate: (!args.no_busy_limit).then_some(args.busy_max_rate),
             compression,
+            checkpoint_reuse: Duration::from_secs(args.checkpoint_reuse_secs),
             ..ServeOptions::default()
         },
         reseed_backoff: Duration::from_secs(args.reseed_backoff_secs),

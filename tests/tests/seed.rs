@@ -712,6 +712,41 @@ async fn a_leader_written_by_db_bench_seeds_a_follower_with_its_sequence_and_dig
     assert!(digest.keys > 25_000, "{digest:?}");
 }
 
+/// A new node's seed shares a young seed checkpoint and gets a new one once
+/// that is older than `checkpoint_reuse` (a follower handed an old
+/// checkpoint replays all the WAL written since, after its seed); a node
+/// that was handed one before gets it back whatever its age, while it is
+/// held, so a resume keeps every chunk it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seed_checkpoint_is_shared_while_young_and_kept_for_its_nodes() {
+    let reuse = Duration::from_secs(3);
+    let leader = TestLeader::start(
+        opts(),
+        ServeOptions {
+            checkpoint_reuse: reuse,
+            checkpoint_grace: Duration::from_secs(60),
+            ..ServeOptions::default()
+        },
+    );
+    fill_incompressible(&leader.store, 200);
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let seed_as = |node: &str, i: usize| {
+        let mut cfg = leader.seed_config(dirs[i].path());
+        cfg.node_id = node.into();
+        ferry_transfer::seed(cfg)
+    };
+    let a = seed_as("node-a", 0).await.unwrap();
+    leader.store.put("later", "x").unwrap();
+    let b = seed_as("node-b", 1).await.unwrap();
+    assert_eq!(b.manifest_id, a.manifest_id, "young: shared");
+    tokio::time::sleep(reuse + Duration::from_millis(200)).await;
+    let c = seed_as("node-c", 2).await.unwrap();
+    assert_ne!(c.manifest_id, a.manifest_id, "old: a new checkpoint");
+    assert!(c.seq > a.seq, "it holds the later write: {}", c.seq);
+    let again = seed_as("node-a", 3).await.unwrap();
+    assert_eq!(again.manifest_id, a.manifest_id, "node-a's own, kept");
+}
+
 /// A cached seed checkpoint whose sequence the WAL no longer reaches past is
 /// not handed out again: a follower seeded from it could only re-seed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

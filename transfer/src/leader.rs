@@ -78,7 +78,11 @@ pub struct ServeOptions {
     pub compression: Compression,
     /// How long an unused checkpoint is kept for a seed that reconnects.
     pub checkpoint_grace: Duration,
-    /// A checkpoint younger than this is reused by a new seed.
+    /// A new node's seed reuses a checkpoint younger than this (followers
+    /// joining together share one). An older one would cost the new
+    /// follower all the WAL written since, replayed after its seed. A node
+    /// that was handed a checkpoint gets it back while it is held, however
+    /// old: a resume then keeps every chunk it has.
     pub checkpoint_reuse: Duration,
     /// Chunk requests served at once per connection.
     pub max_chunks_in_flight: usize,
@@ -97,7 +101,7 @@ impl Default for ServeOptions {
             busy_max_rate: Some(100 << 20),
             compression: Compression::default(),
             checkpoint_grace: Duration::from_secs(60),
-            checkpoint_reuse: Duration::from_secs(600),
+            checkpoint_reuse: Duration::from_secs(10),
             max_chunks_in_flight: 64,
             max_unauthenticated: 64,
             #[cfg(feature = "faults")]
@@ -1317,7 +1321,8 @@ impl Server {
             };
             let reply = match frame {
                 Frame::ManifestRequest => {
-                    match self.registry.acquire(self.opts.checkpoint_reuse).await {
+                    let who = peer.cert_name.as_deref().unwrap_or(&peer.node_id);
+                    match self.registry.acquire(self.opts.checkpoint_reuse, who).await {
                         Ok(lease) => {
                             self.stats.seeds_started.fetch_add(1, Ordering::Relaxed);
                             let f = Frame::ManifestReply {
@@ -1758,10 +1763,23 @@ struct Held {
     users: usize,
     created: Instant,
     idle_since: Option<Instant>,
+    /// The peers (certificate name, or node id) that were handed it, at
+    /// most [`Registry::PEERS_KEPT`]: one of them asking again is resuming.
+    peers: Vec<String>,
 }
 
 struct RegistryInner {
     held: Vec<Held>,
+}
+
+/// Remembers `peer`, the oldest forgotten past [`Registry::PEERS_KEPT`].
+fn note_peer(peers: &mut Vec<String>, peer: &str) {
+    if !peers.iter().any(|p| p == peer) {
+        if peers.len() >= Registry::PEERS_KEPT {
+            peers.remove(0);
+        }
+        peers.push(peer.to_owned());
+    }
 }
 
 /// The checkpoints that seeds use, with their users.
@@ -1798,33 +1816,49 @@ impl Registry {
         }
     }
 
-    fn try_reuse(&self, reuse: Duration, oldest: ferry_engine::Seq) -> Option<Lease> {
+    /// Peers remembered per checkpoint.
+    const PEERS_KEPT: usize = 64;
+
+    /// The newest held checkpoint that `peer` was handed before, whatever
+    /// its age, or else the newest younger than `reuse`; either only if
+    /// the WAL still reaches back to it.
+    fn try_reuse(&self, reuse: Duration, oldest: ferry_engine::Seq, peer: &str) -> Option<Lease> {
         let mut g = self.inner.lock();
-        let h = g
-            .held
-            .iter_mut()
-            .filter(|h| h.created.elapsed() < reuse && h.cp.info.seq >= oldest)
-            .max_by_key(|h| h.created)?;
+        let newest = |g: &RegistryInner, pick: &dyn Fn(&Held) -> bool| {
+            g.held
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.cp.info.seq >= oldest && pick(h))
+                .max_by_key(|(_, h)| h.created)
+                .map(|(i, _)| i)
+        };
+        let i = newest(&g, &|h| h.peers.iter().any(|p| p == peer))
+            .or_else(|| newest(&g, &|h| h.created.elapsed() < reuse))?;
+        let h = &mut g.held[i];
         h.users += 1;
         h.idle_since = None;
+        note_peer(&mut h.peers, peer);
         Some(Lease {
             cp: Arc::clone(&h.cp),
             inner: Arc::clone(&self.inner),
         })
     }
 
-    async fn acquire(&self, reuse: Duration) -> Result<Lease, ferry_engine::Error> {
+    /// A checkpoint for `peer`'s seed: the one it was handed before if it
+    /// is still held (a resume keeps every chunk it has), else one younger
+    /// than `reuse` (followers joining together share it), else a new one.
+    async fn acquire(&self, reuse: Duration, peer: &str) -> Result<Lease, ferry_engine::Error> {
         // A cached checkpoint the WAL no longer reaches past would send the
         // new follower straight into a re-seed: never hand it out again.
         let source = Arc::clone(&self.source);
         let oldest = tokio::task::spawn_blocking(move || source.oldest_catchable())
             .await
             .unwrap_or(u64::MAX);
-        if let Some(l) = self.try_reuse(reuse, oldest) {
+        if let Some(l) = self.try_reuse(reuse, oldest, peer) {
             return Ok(l);
         }
         let _creating = self.creating.lock().await;
-        if let Some(l) = self.try_reuse(reuse, oldest) {
+        if let Some(l) = self.try_reuse(reuse, oldest, peer) {
             return Ok(l);
         }
         let source = Arc::clone(&self.source);
@@ -1854,6 +1888,7 @@ impl Registry {
             users: 1,
             created: Instant::now(),
             idle_since: None,
+            peers: vec![peer.to_owned()],
         });
         Ok(Lease {
             cp,
