@@ -175,11 +175,12 @@ impl std::fmt::Debug for SeedConfig {
 
 impl SeedConfig {
     pub fn new(data_dir: impl Into<PathBuf>, leader: SocketAddr, auth: ClientAuth) -> Self {
+        let data_dir = data_dir.into();
         Self {
-            data_dir: data_dir.into(),
+            node_id: node_id_for_dir(&data_dir),
+            data_dir,
             leader,
             auth,
-            node_id: default_node_id(),
             role: Role::Seeder,
             parallel: 16,
             chunk_attempts: 5,
@@ -199,9 +200,27 @@ pub fn default_node_id() -> String {
     node_id_from(&host, std::process::id())
 }
 
+/// A seed's node id: the host name and a hash of the directory it seeds,
+/// the same in every run on that directory. A leader hands a node the
+/// checkpoint it was handed before, while it keeps it, so a seed killed and
+/// started again resumes from the checkpoint it was fetching.
+pub fn node_id_for_dir(dir: &Path) -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "node".into());
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let hash = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
+    shorten_host(&host, &format!("-seed-{}", &hash[..12]))
+}
+
 /// `host-pid`, shortened (at a character boundary) to fit a node id.
 pub fn node_id_from(host: &str, pid: u32) -> String {
-    let suffix = format!("-{pid}");
+    shorten_host(host, &format!("-{pid}"))
+}
+
+/// `host` and `suffix`, the host shortened (at a character boundary) to
+/// fit a node id.
+fn shorten_host(host: &str, suffix: &str) -> String {
     let mut host: String = host.chars().filter(|c| !c.is_control()).collect();
     while host.len() + suffix.len() > crate::protocol::MAX_NODE_ID {
         host.pop();
@@ -209,7 +228,7 @@ pub fn node_id_from(host: &str, pid: u32) -> String {
     if host.is_empty() {
         host.push_str("node");
     }
-    host + &suffix
+    host + suffix
 }
 
 /// Checks a node id before it is used on the wire: 1 to 64 bytes of UTF-8
@@ -690,6 +709,19 @@ mod tests {
             Some(65536)
         );
         assert_eq!(std::fs::read(&path).unwrap(), body);
+    }
+
+    #[test]
+    fn a_seed_is_the_same_node_in_every_run_on_its_directory() {
+        let a = node_id_for_dir(Path::new("/data/ferry/a"));
+        assert_eq!(a, node_id_for_dir(Path::new("/data/ferry/a")));
+        assert_ne!(a, node_id_for_dir(Path::new("/data/ferry/b")));
+        assert_eq!(validate_node_id(&a), Ok(()));
+        let dir = tempfile::tempdir().unwrap();
+        let (_, token) = crate::auth::NodeAuth::load_or_init(dir.path(), "leader").unwrap();
+        let auth = ClientAuth::from_token(&token);
+        let cfg = SeedConfig::new("/data/ferry/a", "127.0.0.1:1".parse().unwrap(), auth);
+        assert_eq!(cfg.node_id, a);
     }
 
     #[test]
