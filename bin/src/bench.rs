@@ -608,7 +608,7 @@ fn seed_follower(
     )?;
     follower.wait_up(Duration::from_secs(60))?;
     // A status request to a paused follower waits until it is resumed.
-    let mut pauser = args.paired_slice_ms.gt(&0).then(|| {
+    let mut pauser = (args.paired_slice_ms > 0).then(|| {
         Pauser::start(
             Some(follower.pid()),
             Arc::clone(&load.written),
