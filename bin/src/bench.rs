@@ -142,6 +142,12 @@ pub struct BenchArgs {
     /// writeback delays the leader's WAL syncs.
     #[arg(long, env = "FERRY_FOLLOWER_PARENT")]
     follower_parent: Option<PathBuf>,
+    /// Run the follower at this nice value (0-19). On one host the
+    /// follower's work (decompressing, hashing, writing) competes with the
+    /// leader's writes for the cores, which a follower on another host
+    /// does not; at 19 it runs only when a core is free.
+    #[arg(long, env = "FERRY_FOLLOWER_NICE", value_parser = clap::value_parser!(u8).range(0..=19))]
+    follower_nice: Option<u8>,
     /// Keep the temporary directory.
     #[arg(long, env = "FERRY_KEEP")]
     keep: bool,
@@ -311,7 +317,10 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         leader_http,
         &[],
         &args.serve_args,
-        link.as_ref().map(|l| l.netns.as_str()),
+        &match &link {
+            Some(l) => vec!["ip", "netns", "exec", l.netns.as_str()],
+            None => vec![],
+        },
     )?;
     leader.wait_up(Duration::from_secs(120))?;
     let token = leader_token(&leader_dir)?;
@@ -525,6 +534,7 @@ fn bench(args: &BenchArgs, root: &Path, follower_dir: &Path, phases: &Phases) ->
         "leader_idle_quiet_writes_per_sec": idle_quiet_rate.map(f64::round),
         "leader_seed_quiet_writes_per_sec": seed_quiet_rate.map(f64::round),
         "paired_slice_ms": slice.map(|d| d.as_millis() as u64),
+        "follower_nice": args.follower_nice,
         "leader_paired": rounds.last().map(|r| r["paired"].clone()),
         "seed_running_bytes_per_sec": rounds.last().map(|r| r["seed_running_bytes_per_sec"].clone()),
         "leader_paired_aa": rounds.last().map(|r| r["paired_aa"].clone()),
@@ -594,6 +604,7 @@ fn seed_follower(
     phases: &Phases,
 ) -> Result<(Node, SeedRound)> {
     let l_cpu0 = leader.cpu_secs();
+    let nice = args.follower_nice.map(|n| n.to_string());
     let f_quic = SocketAddr::new("127.0.0.1".parse()?, free_port()?);
     let started = Instant::now();
     let mut follower = Node::spawn(
@@ -604,7 +615,10 @@ fn seed_follower(
         f_http,
         &["--follow", &follow.to_string(), "--token", token],
         &args.serve_args,
-        None,
+        &match &nice {
+            Some(n) => vec!["nice", "-n", n.as_str()],
+            None => vec![],
+        },
     )?;
     follower.wait_up(Duration::from_secs(60))?;
     // A status request to a paused follower waits until it is resumed.
@@ -1122,15 +1136,17 @@ impl Node {
         http: SocketAddr,
         extra: &[&str],
         serve_args: &[String],
-        netns: Option<&str>,
+        prefix: &[&str],
     ) -> Result<Node> {
         let exe = std::env::current_exe().context("find the ferry binary")?;
         let log = root.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&exe);
+        // A prefix that execs the binary (`ip netns exec NS`, `nice -n N`),
+        // so the child's pid stays the node's.
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&exe);
                 c
             }
             None => Command::new(&exe),
