@@ -194,10 +194,14 @@ impl SeedConfig {
 
 /// A node id from the host name and process id.
 pub fn default_node_id() -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
+    node_id_from(&host_name(), std::process::id())
+}
+
+/// This host's name, or "node" when it has none to read.
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "node".into());
-    node_id_from(&host, std::process::id())
+        .unwrap_or_else(|_| "node".into())
 }
 
 /// A seed's node id: the host name and a hash of the directory it seeds,
@@ -205,12 +209,9 @@ pub fn default_node_id() -> String {
 /// checkpoint it was handed before, while it keeps it, so a seed killed and
 /// started again resumes from the checkpoint it was fetching.
 pub fn node_id_for_dir(dir: &Path) -> String {
-    let host = std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "node".into());
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
     let hash = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
-    shorten_host(&host, &format!("-seed-{}", &hash[..12]))
+    shorten_host(&host_name(), &format!("-seed-{}", &hash[..12]))
 }
 
 /// `host-pid`, shortened (at a character boundary) to fit a node id.
