@@ -222,6 +222,12 @@ struct ServeArgs {
     /// to the foreground load; an idle node seeds at full speed.
     #[arg(long, env = "FERRY_BUSY_MAX_RATE", value_parser = util::parse_size, default_value = "100M")]
     busy_max_rate: u64,
+    /// How much slower, in percent, this node's writes may get while a
+    /// seed runs under them before the seed is slowed: a closed-loop
+    /// writer whose latency grows by P % keeps 100/(100+P) of its rate.
+    #[arg(long, env = "FERRY_BUSY_SLOWDOWN", default_value_t = ferry_transfer::leader::DEFAULT_BUSY_SLOWDOWN_PCT,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    busy_slowdown: u32,
     /// Never slow seeds down for the foreground load.
     #[arg(long, env = "FERRY_NO_BUSY_LIMIT")]
     no_busy_limit: bool,
@@ -574,6 +580,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             node_id,
             max_rate: args.max_rate,
             busy_max_rate: (!args.no_busy_limit).then_some(args.busy_max_rate),
+            busy_slowdown_pct: args.busy_slowdown,
             compression,
             checkpoint_reuse: Duration::from_secs(args.checkpoint_reuse_secs),
             ..ServeOptions::default()

@@ -75,6 +75,11 @@ pub struct ServeOptions {
     /// (its sequence moved in the last half second), so that seeds yield to
     /// the foreground load; an idle node seeds at full speed.
     pub busy_max_rate: Option<u64>,
+    /// How much slower, in percent, the writes may get than while no seed
+    /// runs before the busy control cuts a seed under writes (1-100). A
+    /// closed-loop writer whose latency grows by P % runs at 100/(100+P)
+    /// of its rate: 15 keeps it near 0.87x.
+    pub busy_slowdown_pct: u32,
     pub compression: Compression,
     /// How long an unused checkpoint is kept for a seed that reconnects.
     pub checkpoint_grace: Duration,
@@ -99,6 +104,7 @@ impl Default for ServeOptions {
             node_id: "leader".into(),
             max_rate: None,
             busy_max_rate: Some(100 << 20),
+            busy_slowdown_pct: DEFAULT_BUSY_SLOWDOWN_PCT,
             compression: Compression::default(),
             checkpoint_grace: Duration::from_secs(60),
             checkpoint_reuse: Duration::from_secs(10),
@@ -109,6 +115,9 @@ impl Default for ServeOptions {
         }
     }
 }
+
+/// The default of [`ServeOptions::busy_slowdown_pct`].
+pub const DEFAULT_BUSY_SLOWDOWN_PCT: u32 = 15;
 
 /// The zstd level of the network-bound mode. Measured on db_bench SSTs in
 /// 2 MiB chunks (one core): level 1 shrinks them 1.5x at 245 MB/s, level 2
@@ -845,7 +854,9 @@ impl Server {
         opts: ServeOptions,
     ) -> Arc<Self> {
         let limiter = opts.max_rate.map(RateLimiter::new);
-        let busy = opts.busy_max_rate.map(BusyControl::new);
+        let busy = opts
+            .busy_max_rate
+            .map(|c| BusyControl::new(c, opts.busy_slowdown_pct));
         let idle_since = Instant::now()
             .checked_sub(Duration::from_secs(3600))
             .unwrap_or_else(Instant::now);
@@ -1922,9 +1933,9 @@ impl Registry {
 /// get a bandwidth steered by two signals of the foreground's health, each
 /// sampled every tick: the mean write latency against its idle baseline,
 /// the median of its per-second means over the last 30 s without a seed
-/// (above [`BusyControl::SLOW`], 1.15x: a closed-loop writer at
-/// 1.25x runs at 80 % of its idle rate, and the margin covers the ticks
-/// the control needs to react), and the host's idle CPU (under 10 % means
+/// (above 1.15x by default, [`ServeOptions::busy_slowdown_pct`]: a
+/// closed-loop writer at 1.25x runs at 80 % of its idle rate, and the
+/// margin covers the ticks the control needs to react), and the host's idle CPU (under 10 % means
 /// the seed's reading, compression and encryption compete with the writes
 /// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
@@ -1942,6 +1953,9 @@ impl Registry {
 struct BusyControl {
     limiter: RateLimiter,
     ceiling: f64,
+    /// Write latency over its idle baseline that counts as suffering
+    /// (1.15 for a 15 % slowdown).
+    slow: f64,
     /// Set when the limiter held a chunk back since the last tick: the
     /// seed wanted more than its rate.
     held: AtomicBool,
@@ -2039,8 +2053,6 @@ impl BusyControl {
     const FLOOR: f64 = 4.0 * 1024.0 * 1024.0;
     /// Ticks with fewer writes say too little about latency.
     const MIN_WRITES: u64 = 5;
-    /// Write latency over its idle mean that counts as suffering.
-    const SLOW: f64 = 1.15;
     /// What a cut keeps of the seed rate, and the most it takes.
     const CUT: f64 = 0.8;
     const DEEPEST_CUT: f64 = 0.5;
@@ -2054,11 +2066,12 @@ impl BusyControl {
     /// which the seed's last run of cuts began to that rate over it.
     const NEAR: f64 = 0.85;
 
-    fn new(ceiling: u64) -> Self {
+    fn new(ceiling: u64, slowdown_pct: u32) -> Self {
         metrics::gauge!("ferry_seed_busy_rate_bytes").set(ceiling as f64);
         Self {
             limiter: RateLimiter::new(ceiling),
             ceiling: ceiling.max(1) as f64,
+            slow: 1.0 + f64::from(slowdown_pct.clamp(1, 100)) / 100.0,
             held: AtomicBool::new(false),
             state: Mutex::new(BusyState::default()),
         }
@@ -2125,7 +2138,7 @@ impl BusyControl {
             st.note_idle(latency);
         }
         let baseline = st.baseline();
-        let within = steering.map_or(1.0, |lat| (baseline * Self::SLOW / lat).min(1.0));
+        let within = steering.map_or(1.0, |lat| (baseline * self.slow / lat).min(1.0));
         let slow = within < 1.0;
         let started = seeding && !st.seeding;
         st.seeding = seeding;
@@ -2706,7 +2719,7 @@ mod tests {
     #[test]
     fn a_slow_second_before_a_seed_does_not_raise_the_bar() {
         const MB: f64 = 1024.0 * 1024.0;
-        let b = BusyControl::new(100 << 20);
+        let b = BusyControl::new(100 << 20, DEFAULT_BUSY_SLOWDOWN_PCT);
         let ms = |m: f64| Some((Duration::from_secs_f64(m / 1e3), 100));
         let cpu = |t: u64| {
             Some(CpuTimes {
@@ -2741,9 +2754,38 @@ mod tests {
     }
 
     #[test]
+    fn the_operator_sets_how_much_slower_the_writes_may_get() {
+        const MB: f64 = 1024.0 * 1024.0;
+        let ms = |m: f64| Some((Duration::from_secs_f64(m / 1e3), 100));
+        let cpu = |t: u64| {
+            Some(CpuTimes {
+                idle: t / 2,
+                total: t,
+            })
+        };
+        // Writes at 1.12x their idle latency under a seed: within a 15 %
+        // slowdown, so the seed grows from a quarter; over a 10 % one, so
+        // it is cut to the threshold's share of their latency.
+        let rate_after = |pct: u32| {
+            let b = BusyControl::new(100 << 20, pct);
+            let mut t = 0;
+            for _ in 0..20 {
+                t += 100;
+                b.tick_with(ms(1.0), false, true, cpu(t));
+            }
+            t += 100;
+            b.tick_with(ms(1.12), true, true, cpu(t));
+            b.limiter.rate() / MB
+        };
+        assert!(rate_after(15) > 25.0, "{}", rate_after(15));
+        let cut = rate_after(10);
+        assert!((cut - 25.0 * 0.8).abs() < 1e-6, "{cut}");
+    }
+
+    #[test]
     fn a_sparse_writer_lets_a_seed_grow() {
         const MB: f64 = 1024.0 * 1024.0;
-        let b = BusyControl::new(100 << 20);
+        let b = BusyControl::new(100 << 20, DEFAULT_BUSY_SLOWDOWN_PCT);
         let cpu = |idle: u64, total: u64| Some(CpuTimes { idle, total });
         // 20 writes a second: never five in a tick, so no baseline; slow
         // or not, those writes steer nothing and the seed grows from a
@@ -2760,7 +2802,7 @@ mod tests {
     #[test]
     fn the_busy_control_backs_off_when_the_foreground_suffers_and_recovers_after() {
         const MB: f64 = 1024.0 * 1024.0;
-        let b = BusyControl::new(100 << 20);
+        let b = BusyControl::new(100 << 20, DEFAULT_BUSY_SLOWDOWN_PCT);
         let ms = |m: u64| Some((Duration::from_millis(m), 100));
         let cpu = |idle: u64, total: u64| Some(CpuTimes { idle, total });
         // Idle: writes take 1 ms; that is the baseline.
@@ -2827,7 +2869,7 @@ mod tests {
     #[test]
     fn a_seed_that_takes_less_than_its_rate_does_not_raise_it() {
         const MB: f64 = 1024.0 * 1024.0;
-        let b = BusyControl::new(100 << 20);
+        let b = BusyControl::new(100 << 20, DEFAULT_BUSY_SLOWDOWN_PCT);
         let ms = |m: u64| Some((Duration::from_millis(m), 100));
         let cpu = |t: u64| {
             Some(CpuTimes {
@@ -2862,7 +2904,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_busy_control_grows_only_after_it_held_a_seed_back() {
-        let b = BusyControl::new(100 << 20);
+        let b = BusyControl::new(100 << 20, DEFAULT_BUSY_SLOWDOWN_PCT);
         let cpu = |t: u64| {
             Some(CpuTimes {
                 idle: t / 2,
