@@ -292,6 +292,12 @@ struct ServeArgs {
     /// random loss; cubic (TCP's) yields more to competing flows.
     #[arg(long, env = "FERRY_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
     congestion: CongestionArg,
+    /// The CPU priority of seed work, as leader and as a new follower
+    /// (idle: SCHED_IDLE threads, which take only CPU nothing else on the
+    /// host wants, so on a saturated host the seed crawls; normal: as any
+    /// thread).
+    #[arg(long, env = "FERRY_SEED_PRIORITY", value_enum, default_value_t = SeedPriorityArg::Normal)]
+    seed_priority: SeedPriorityArg,
     /// What a follower does when its leader refuses it as diverged (it holds
     /// writes the leader does not): re-seed to the leader's content, reusing
     /// matching local files, or stop and stay `diverged`.
@@ -308,6 +314,21 @@ struct ServeArgs {
     min_acks: usize,
     #[command(flatten)]
     tls: TlsArgs,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SeedPriorityArg {
+    Idle,
+    Normal,
+}
+
+impl From<SeedPriorityArg> for ferry_transfer::SeedPriority {
+    fn from(p: SeedPriorityArg) -> Self {
+        match p {
+            SeedPriorityArg::Idle => Self::Idle,
+            SeedPriorityArg::Normal => Self::Normal,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -363,6 +384,11 @@ struct SeedArgs {
     /// random loss; cubic (TCP's) yields more to competing flows.
     #[arg(long, env = "FERRY_CONGESTION", value_enum, default_value_t = CongestionArg::Bbr)]
     congestion: CongestionArg,
+    /// The CPU priority of this seed's work (idle: SCHED_IDLE threads,
+    /// which take only CPU nothing else on the host wants, so on a
+    /// saturated host the seed crawls; normal: as any thread).
+    #[arg(long, env = "FERRY_SEED_PRIORITY", value_enum, default_value_t = SeedPriorityArg::Normal)]
+    seed_priority: SeedPriorityArg,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -581,6 +607,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
             max_rate: args.max_rate,
             busy_max_rate: (!args.no_busy_limit).then_some(args.busy_max_rate),
             busy_slowdown_pct: args.busy_slowdown,
+            seed_priority: args.seed_priority.into(),
             compression,
             checkpoint_reuse: Duration::from_secs(args.checkpoint_reuse_secs),
             ..ServeOptions::default()
@@ -631,6 +658,7 @@ async fn seed(args: SeedArgs) -> Result<i32> {
     let mut cfg = ferry_transfer::SeedConfig::new(&args.data, args.leader, auth);
     cfg.parallel = args.parallel.max(1);
     cfg.transport = args.congestion.transport(args.peer_timeout_ms);
+    cfg.priority = args.seed_priority.into();
     let bar = (!args.no_progress && std::io::stderr().is_terminal()).then(util::progress_bar);
     cfg.progress = Some(util::progress_callback(bar.clone()));
     let report = ferry_transfer::seed(cfg)

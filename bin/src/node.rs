@@ -963,6 +963,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
             sc.reuse_existing = reseed;
             sc.reconnects = 3;
             sc.transport = cfg.transport.clone();
+            sc.priority = cfg.serve.seed_priority;
             let n2 = Arc::clone(&node);
             sc.progress = Some(Arc::new(move |p: &Progress| {
                 *n2.seed_progress.lock() = Some(p.clone())

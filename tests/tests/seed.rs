@@ -1231,3 +1231,38 @@ async fn compression_follows_the_bottleneck_per_connection() {
         );
     }
 }
+
+/// With `SeedPriority::Idle` a seed's work (receiving, verifying, writing)
+/// runs on `SCHED_IDLE` threads, so it takes only CPU the host's other work
+/// leaves free; `SeedPriority::Normal`, the default, keeps it on the
+/// caller's threads.
+#[tokio::test]
+async fn a_seed_runs_at_idle_priority_when_told_to() {
+    use ferry_transfer::priority::current_thread_is_idle;
+    use ferry_transfer::SeedPriority;
+    let leader = TestLeader::start(StoreOptions::default(), ServeOptions::default());
+    fill(&leader.store, 500, 3);
+    leader.store.flush().unwrap();
+    assert_eq!(
+        leader.seed_config(Path::new("x")).priority,
+        SeedPriority::Normal
+    );
+    for (priority, idle) in [(SeedPriority::Idle, true), (SeedPriority::Normal, false)] {
+        let target = tempfile::tempdir().unwrap();
+        let mut cfg = leader.seed_config(target.path());
+        cfg.priority = priority;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = Arc::clone(&seen);
+        cfg.progress = Some(Arc::new(move |_: &ferry_transfer::Progress| {
+            s2.lock().unwrap().push(current_thread_is_idle())
+        }));
+        ferry_transfer::seed(cfg).await.unwrap();
+        let seen = seen.lock().unwrap();
+        assert!(
+            !seen.is_empty() && seen.iter().all(|&i| i == idle),
+            "{priority:?}: {seen:?}"
+        );
+        let follower = Store::open_read_only(target.path()).unwrap();
+        assert_eq!(follower.digest().unwrap(), leader.store.digest().unwrap());
+    }
+}

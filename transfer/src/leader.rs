@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::{check_proof, exported_keying_material, NodeAuth};
 use crate::dict::{DictCache, DICT_CHUNK};
+use crate::priority::SeedPriority;
 use crate::protocol::{Codec, ErrorCode, Frame, Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use crate::wire::{read_frame, read_frame_within, send_error, write_frame, WireError};
 
@@ -81,6 +82,9 @@ pub struct ServeOptions {
     /// of its rate: 15 keeps it near 0.87x.
     pub busy_slowdown_pct: u32,
     pub compression: Compression,
+    /// The CPU priority of this node's seed work as a leader: reading,
+    /// compressing and hashing chunks (see [`crate::priority`]).
+    pub seed_priority: SeedPriority,
     /// How long an unused checkpoint is kept for a seed that reconnects.
     pub checkpoint_grace: Duration,
     /// A new node's seed reuses a checkpoint younger than this (followers
@@ -106,6 +110,7 @@ impl Default for ServeOptions {
             busy_max_rate: Some(100 << 20),
             busy_slowdown_pct: DEFAULT_BUSY_SLOWDOWN_PCT,
             compression: Compression::default(),
+            seed_priority: SeedPriority::default(),
             checkpoint_grace: Duration::from_secs(60),
             checkpoint_reuse: Duration::from_secs(10),
             max_chunks_in_flight: 64,
@@ -1436,7 +1441,7 @@ impl Server {
             (Some(_), _) | (_, Compression::Always { .. }) => self.encoders.acquire().await.ok(),
             _ => None,
         };
-        let read = tokio::task::spawn_blocking(move || {
+        let read = crate::priority::spawn_blocking(self.opts.seed_priority, move || {
             cp.read_chunk(file as usize, chunk as usize, compression, network)
         })
         .await;

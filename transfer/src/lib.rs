@@ -9,6 +9,7 @@
 //! - [`replication`], [`follower`]: WAL catch-up and the live stream, both sides.
 //! - [`client`], [`wire`]: connecting, and frames over streams.
 //! - [`dict`]: chunks as compression dictionaries for their files.
+//! - [`priority`]: seed work on `SCHED_IDLE` threads.
 //! - [`netsim`]: a UDP impairment proxy (loss, delay, reordering, blackouts)
 //!   for tests and `ferry bench`.
 //!
@@ -22,6 +23,7 @@ pub mod endpoint;
 pub mod follower;
 pub mod leader;
 pub mod netsim;
+pub mod priority;
 pub mod protocol;
 pub mod replication;
 pub mod seed;
@@ -30,5 +32,6 @@ pub mod wire;
 pub use auth::{ClientAuth, JoinToken, NodeAuth};
 pub use endpoint::{Congestion, TransportOptions};
 pub use leader::{Compression, ServeOptions, Server};
+pub use priority::SeedPriority;
 pub use quinn;
 pub use seed::{seed, Phases, Progress, SeedConfig, SeedError, SeedReport};

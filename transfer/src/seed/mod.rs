@@ -46,6 +46,7 @@ use crate::auth::ClientAuth;
 use crate::client::{Client, ConnectError};
 use crate::dict::{DictCache, DICT_CHUNK};
 use crate::endpoint::{client_endpoint, unspecified_for, EndpointError, TransportOptions};
+use crate::priority::SeedPriority;
 use crate::protocol::{Codec, Frame, Role};
 use crate::wire::{expect_frame, write_frame, WireError};
 
@@ -162,6 +163,9 @@ pub struct SeedConfig {
     /// and every chunk whose hash matches the new manifest is reused
     /// instead of fetched.
     pub reuse_existing: bool,
+    /// The CPU priority of the seed's work on this node: receiving,
+    /// decrypting, verifying and writing (see [`crate::priority`]).
+    pub priority: SeedPriority,
 }
 
 impl std::fmt::Debug for SeedConfig {
@@ -188,6 +192,7 @@ impl SeedConfig {
             transport: TransportOptions::default(),
             progress: None,
             reuse_existing: false,
+            priority: SeedPriority::default(),
         }
     }
 }
@@ -317,6 +322,14 @@ pub struct Phases {
 
 /// Seeds `cfg.data_dir` from `cfg.leader`; resumes an interrupted seed.
 pub async fn seed(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
+    // At idle priority every task and blocking call of the seed, its QUIC
+    // endpoint's among them, runs on the idle runtime.
+    crate::priority::run(cfg.priority, seed_here(cfg))
+        .await
+        .map_err(join_err)?
+}
+
+async fn seed_here(cfg: SeedConfig) -> Result<SeedReport, SeedError> {
     let started = Instant::now();
     let staging = prepare_target(&cfg.data_dir, cfg.reuse_existing)?;
     if staging.join(INSTALLING).exists() {
