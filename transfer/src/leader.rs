@@ -82,8 +82,8 @@ pub struct ServeOptions {
     /// of its rate: 15 keeps it near 0.87x.
     pub busy_slowdown_pct: u32,
     pub compression: Compression,
-    /// The CPU priority of this node's seed work as a leader: reading,
-    /// compressing and hashing chunks (see [`crate::priority`]).
+    /// The CPU priority of this node's seed work as a leader: reading and
+    /// compressing chunks (see [`crate::priority`]).
     pub seed_priority: SeedPriority,
     /// How long an unused checkpoint is kept for a seed that reconnects.
     pub checkpoint_grace: Duration,
@@ -1940,9 +1940,9 @@ impl Registry {
 /// the median of its per-second means over the last 30 s without a seed
 /// (above 1.15x by default, [`ServeOptions::busy_slowdown_pct`]: a
 /// closed-loop writer at 1.25x runs at 80 % of its idle rate, and the
-/// margin covers the ticks the control needs to react), and the host's idle CPU (under 10 % means
-/// the seed's reading, compression and encryption compete with the writes
-/// for CPU). Either cuts the seed rate by a fifth, and so do a few writes
+/// margin covers the ticks the control needs to react), and the host's
+/// idle CPU (under 10 % means the seed's reading, compression and
+/// encryption compete with the writes for CPU). Either cuts the seed rate by a fifth, and so do a few writes
 /// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
 /// sync. Writes far over the threshold cut deeper, to the threshold's
 /// share of their latency and at most by half. Any other tick in which the
