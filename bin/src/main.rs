@@ -212,7 +212,8 @@ struct ServeArgs {
     /// QUIC address to listen on.
     #[arg(long, env = "FERRY_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
-    /// This node's id (defaults to host name and pid).
+    /// This node's id (defaults to the host name and a hash of the data
+    /// directory: the same across restarts).
     #[arg(long, env = "FERRY_NODE_ID")]
     node_id: Option<String>,
     /// Upper bound on seed bandwidth, bytes per second (suffixes K, M, G).
@@ -558,7 +559,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
     let node_id = args
         .node_id
         .clone()
-        .unwrap_or_else(ferry_transfer::seed::default_node_id);
+        .unwrap_or_else(|| ferry_transfer::seed::default_node_id(&args.data));
     ferry_transfer::seed::validate_node_id(&node_id).map_err(config::usage)?;
     let compression = match args.compression {
         CompressionArg::Off => Compression::Off,

@@ -754,3 +754,19 @@ fn a_rotated_join_token_stops_admitting_new_nodes_at_once() {
     let (code, out) = verify(&leader, &follower);
     assert_eq!(code, 0, "{out}");
 }
+
+/// Without `--node-id`, a node's id is its host and a hash of its data
+/// directory: the same after a restart (so a follower restarted during its
+/// first seed is the node the leader handed a checkpoint to), and another
+/// for another directory.
+#[test]
+fn a_node_keeps_its_default_id_across_restarts() {
+    let d = dirs();
+    let mut a = Proc::start(&d.path().join("a"), &[]);
+    let id = a.status()["node_id"].as_str().expect("node_id").to_owned();
+    a.stop();
+    a.spawn();
+    assert_eq!(a.status()["node_id"], id.as_str());
+    let b = Proc::start(&d.path().join("b"), &[]);
+    assert_ne!(b.status()["node_id"], id.as_str());
+}

@@ -197,9 +197,19 @@ impl SeedConfig {
     }
 }
 
-/// A node id from the host name and process id.
-pub fn default_node_id() -> String {
-    node_id_from(&host_name(), std::process::id())
+/// A daemon's default node id: the host name and a hash of its data
+/// directory. It stays the same across restarts, so a follower restarted
+/// during its first seed gets its checkpoint back from the leader (and
+/// keeps every chunk it has), and keeps its place in the leader's list of
+/// followers; two nodes on one host have different directories.
+pub fn default_node_id(data_dir: &Path) -> String {
+    shorten_host(&host_name(), &format!("-{}", dir_hash(data_dir)))
+}
+
+/// 12 hex digits of the blake3 hash of `dir`, made absolute.
+fn dir_hash(dir: &Path) -> String {
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex()[..12].to_owned()
 }
 
 /// This host's name, or "node" when it has none to read.
@@ -214,14 +224,7 @@ fn host_name() -> String {
 /// checkpoint it was handed before, while it keeps it, so a seed killed and
 /// started again resumes from the checkpoint it was fetching.
 pub fn node_id_for_dir(dir: &Path) -> String {
-    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let hash = blake3::hash(dir.as_os_str().as_encoded_bytes()).to_hex();
-    shorten_host(&host_name(), &format!("-seed-{}", &hash[..12]))
-}
-
-/// `host-pid`, shortened (at a character boundary) to fit a node id.
-pub fn node_id_from(host: &str, pid: u32) -> String {
-    shorten_host(host, &format!("-{pid}"))
+    shorten_host(&host_name(), &format!("-seed-{}", dir_hash(dir)))
 }
 
 /// `host` and `suffix`, the host shortened (at a character boundary) to
@@ -731,6 +734,12 @@ mod tests {
         assert_eq!(a, node_id_for_dir(Path::new("/data/ferry/a")));
         assert_ne!(a, node_id_for_dir(Path::new("/data/ferry/b")));
         assert_eq!(validate_node_id(&a), Ok(()));
+        // A daemon's default is as stable, and not a seed's.
+        let d = default_node_id(Path::new("/data/ferry/a"));
+        assert_eq!(d, default_node_id(Path::new("/data/ferry/a")));
+        assert_ne!(d, default_node_id(Path::new("/data/ferry/b")));
+        assert_ne!(d, a);
+        assert_eq!(validate_node_id(&d), Ok(()));
         let dir = tempfile::tempdir().unwrap();
         let (_, token) = crate::auth::NodeAuth::load_or_init(dir.path(), "leader").unwrap();
         let auth = ClientAuth::from_token(&token);
@@ -741,11 +750,11 @@ mod tests {
     #[test]
     fn node_ids_fit_and_never_split_a_character() {
         let long = "ñ".repeat(60);
-        let id = node_id_from(&long, 123456);
+        let id = shorten_host(&long, "-123456");
         assert!(id.len() <= crate::protocol::MAX_NODE_ID, "{id}");
         assert!(id.ends_with("-123456"));
         assert_eq!(validate_node_id(&id), Ok(()));
-        assert_eq!(node_id_from("", 7), "node-7");
+        assert_eq!(shorten_host("", "-7"), "node-7");
         assert!(validate_node_id(&"x".repeat(65)).is_err());
         assert!(validate_node_id("").is_err());
         assert!(validate_node_id("a\nb").is_err());
