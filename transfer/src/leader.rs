@@ -1942,9 +1942,9 @@ impl Registry {
 /// closed-loop writer at 1.25x runs at 80 % of its idle rate, and the
 /// margin covers the ticks the control needs to react), and the host's
 /// idle CPU (under 10 % means the seed's reading, compression and
-/// encryption compete with the writes for CPU). Either cuts the seed rate by a fifth, and so do a few writes
-/// (under [`BusyControl::MIN_WRITES`]) that slow: writes stalled behind a
-/// sync. Writes far over the threshold cut deeper, to the threshold's
+/// encryption compete with the writes for CPU). Either cuts the seed rate
+/// by a fifth, and so do a few writes (under [`BusyControl::MIN_WRITES`])
+/// that slow: writes stalled behind a sync. Writes far over the threshold cut deeper, to the threshold's
 /// share of their latency and at most by half. Any other tick in which the
 /// limiter held the seed back raises it by a twentieth of the ceiling
 /// (`busy_max_rate`), or by a quarter of that

@@ -86,16 +86,25 @@ fn idle_runtime() -> Option<&'static tokio::runtime::Runtime> {
     .as_ref()
 }
 
-/// Runs blocking seed work (reading, hashing, compressing) at `priority`,
-/// on the idle runtime's blocking threads or the caller's.
+/// The idle runtime for work at `priority`, if it is idle and the runtime
+/// could be built. At normal priority the runtime is never built.
+fn runtime_for(priority: SeedPriority) -> Option<&'static tokio::runtime::Runtime> {
+    match priority {
+        SeedPriority::Idle => idle_runtime(),
+        SeedPriority::Normal => None,
+    }
+}
+
+/// Runs blocking seed work (reading, compressing) at `priority`, on the
+/// idle runtime's blocking threads or the caller's.
 pub fn spawn_blocking<F, R>(priority: SeedPriority, f: F) -> tokio::task::JoinHandle<R>
 where
     F: FnOnce() -> R + Send + 'static,
     R: Send + 'static,
 {
-    match (priority, idle_runtime()) {
-        (SeedPriority::Idle, Some(rt)) => rt.spawn_blocking(f),
-        _ => tokio::task::spawn_blocking(f),
+    match runtime_for(priority) {
+        Some(rt) => rt.spawn_blocking(f),
+        None => tokio::task::spawn_blocking(f),
     }
 }
 
@@ -107,12 +116,12 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    match (priority, idle_runtime()) {
-        (SeedPriority::Idle, Some(rt)) => {
+    match runtime_for(priority) {
+        Some(rt) => {
             let mut task = AbortOnDrop(rt.spawn(fut));
             (&mut task.0).await
         }
-        _ => Ok(fut.await),
+        None => Ok(fut.await),
     }
 }
 
