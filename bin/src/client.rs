@@ -75,6 +75,15 @@ pub fn status(http: SocketAddr, json: bool) -> Result<i32> {
         );
     }
     println!("oldest WAL {}", v("oldest_wal_seq"));
+    if s["fencing"] == "off" {
+        println!("fencing    off: no --peers, so this leader cannot learn that another node was promoted");
+    }
+    if let Some(a) = s["set_aside"].as_array().filter(|a| !a.is_empty()) {
+        println!(
+            "set aside  {} database(s) with writes the cluster does not have (ferry aside --data DIR)",
+            a.len()
+        );
+    }
     if s["role"] == "follower" {
         let r = &s["replica"];
         println!("leader     {} (at {})", v("leader"), r["leader_seq"]);
@@ -223,6 +232,9 @@ pub fn promote(http: SocketAddr, force: bool, json: bool) -> Result<i32> {
                 .map(|l| format!(" (previous leader {l})"))
                 .unwrap_or_default()
         );
+        if let Some(w) = body["warning"].as_str() {
+            eprintln!("warning: {w}");
+        }
     }
     Ok(0)
 }

@@ -71,6 +71,7 @@ pub async fn run(args: DemoArgs) -> Result<i32> {
         transport: ferry_transfer::TransportOptions::default(),
         on_divergence: node::OnDivergence::Reseed,
         min_acks: 0,
+        keep_aside: 3,
     };
     let leader = node::start(base(&leader_dir, "leader")).await?;
     let leader_http = http::serve(Arc::clone(&leader), local).await?;

@@ -548,6 +548,12 @@ pub fn status_json(node: &Node) -> serde_json::Value {
         "leader": node.leader().map(|a| a.to_string()),
         "peers": node.cfg.follow.iter().chain(&node.cfg.peers).map(|a| a.to_string()).collect::<Vec<_>>(),
         "fenced": node.fenced(),
+        // A leader with no peers to check cannot learn that another node
+        // was promoted: it is not fenced by anything.
+        "fencing": if node.is_leader() {
+            if node.cfg.peers.is_empty() && node.cfg.follow.is_empty() { "off" } else { "peers" }
+        } else { "-" },
+        "set_aside": ferry_engine::list_asides(&node.cfg.data).unwrap_or_default(),
         "quic": node.quic_addr.read().map(|a| a.to_string()),
         "uptime_secs": node.started.elapsed().as_secs(),
         "followers": followers,

@@ -128,6 +128,22 @@ enum Command {
         #[arg(long, env = "FERRY_NODE")]
         node: String,
     },
+    /// List the databases this node set aside when its leader refused it as
+    /// diverged (writes the cluster does not have), or export one's
+    /// operations as JSON lines: seq, op, key, value.
+    Aside {
+        #[arg(long, env = "FERRY_DATA")]
+        data: PathBuf,
+        /// Export this set-aside database's operations.
+        #[arg(long, env = "FERRY_EXPORT")]
+        export: Option<String>,
+        /// Export from this sequence on (default: the first its WAL holds).
+        #[arg(long, env = "FERRY_FROM", requires = "export")]
+        from: Option<u64>,
+        /// Print the list as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every live SST of a running node against its block checksums.
     /// Exits 3 when some are corrupt; a follower then re-seeds itself from
     /// its leader, fetching only the damaged chunks.
@@ -313,6 +329,10 @@ struct ServeArgs {
     /// after this many followers durably applied it (`?acks=N` per request).
     #[arg(long, env = "FERRY_MIN_ACKS", default_value_t = 0)]
     min_acks: usize,
+    /// How many databases set aside on divergence to keep under
+    /// DIR/.ferry/aside (the oldest are removed first).
+    #[arg(long, env = "FERRY_KEEP_ASIDE", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    keep_aside: u64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -422,6 +442,70 @@ fn main() {
     std::process::exit(code);
 }
 
+/// `ferry aside`: the set-aside databases of DIR, or one's operations.
+fn aside(
+    data: &std::path::Path,
+    export: Option<&str>,
+    from: Option<u64>,
+    json: bool,
+) -> Result<i32> {
+    use std::io::Write;
+    if !data.join("CURRENT").exists() && !ferry_engine::ferry_dir(data).exists() {
+        return Err(config::usage(format!(
+            "no ferry node at {}",
+            data.display()
+        )));
+    }
+    let Some(name) = export else {
+        let list = ferry_engine::list_asides(data)?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&list)?);
+        } else if list.is_empty() {
+            println!("no database set aside in {}", data.display());
+        } else {
+            println!("{:<48} {:>12} {:>12}  REASON", "NAME", "SEQ", "WAL FROM");
+            for a in &list {
+                let from = a
+                    .oldest_wal_seq
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".into());
+                println!("{:<48} {:>12} {:>12}  {}", a.name, a.seq, from, a.reason);
+            }
+        }
+        return Ok(0);
+    };
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let text = |b: &[u8]| match std::str::from_utf8(b) {
+        Ok(s) => serde_json::json!(s),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b) })
+        }
+    };
+    ferry_engine::export_aside(data, name, from, |op| {
+        let line = serde_json::json!({
+            "seq": op.seq,
+            "op": op.op,
+            "key": text(&op.key),
+            "value": op.value.as_deref().map(text),
+        });
+        writeln!(out, "{line}").map_err(|e| ferry_engine::Error::Malformed {
+            what: "export",
+            reason: e.to_string(),
+        })
+    })
+    .map_err(|e| match e {
+        ferry_engine::Error::NoCheckpoint { name, .. } => config::usage(format!(
+            "no set-aside database {name} in {} (list them with `ferry aside --data {}`)",
+            data.display(),
+            data.display()
+        )),
+        e => e.into(),
+    })?;
+    out.flush()?;
+    Ok(0)
+}
+
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Checkpoint { data, json } => checkpoint(&data, json),
@@ -462,6 +546,12 @@ fn run(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Demo(args) => runtime()?.block_on(demo::run(args)),
+        Command::Aside {
+            data,
+            export,
+            from,
+            json,
+        } => aside(&data, export.as_deref(), from, json),
         Command::Bench(args) => bench::run(args),
         Command::Status { http, json } => client::status(http, json),
         Command::Verify {
@@ -620,6 +710,7 @@ async fn serve(args: ServeArgs) -> Result<i32> {
         transport: args.congestion.transport(args.peer_timeout_ms),
         on_divergence: args.on_divergence,
         min_acks: args.min_acks,
+        keep_aside: args.keep_aside as usize,
     };
     http::init_metrics();
     let node = node::start(cfg).await?;

@@ -59,6 +59,9 @@ pub struct NodeConfig {
     /// Followers that must acknowledge a write before the API answers it
     /// (`?acks=N` overrides it per request).
     pub min_acks: usize,
+    /// How many databases set aside on divergence to keep (the oldest go
+    /// first).
+    pub keep_aside: usize,
 }
 
 /// What a diverged follower does.
@@ -119,6 +122,11 @@ struct Persisted {
     /// command line names peers to follow (until it is fenced).
     #[serde(default)]
     promoted: bool,
+    /// Why this node, a leader, was fenced: another node leads a newer
+    /// history. It survives restarts, so the node never leads again unless
+    /// an operator makes it a follower (`--follow`) first.
+    #[serde(default)]
+    fenced: Option<String>,
 }
 
 /// A running node, shared with the HTTP API.
@@ -176,6 +184,8 @@ pub struct Promoted {
     /// The new term begins after this sequence.
     pub seq: u64,
     pub previous_leader: Option<String>,
+    /// What the operator must still see to.
+    pub warning: String,
 }
 
 /// Why a promotion was refused.
@@ -329,6 +339,9 @@ impl Node {
                 heard_ms.unwrap_or(0)
             )));
         }
+        if !force {
+            self.refuse_if_a_follower_is_ahead().await?;
+        }
         let (tx, rx) = oneshot::channel();
         self.promote_tx
             .try_send(tx)
@@ -343,6 +356,55 @@ impl Node {
                 "the promotion did not finish within 30 s".into(),
             )),
         }
+    }
+
+    /// Asks the reachable peers where they are: a follower of this node's
+    /// history that holds more than this node may hold acknowledged writes
+    /// this one lacks, so promoting this one would lose them. Refused then
+    /// (naming them); peers that do not answer within a second are not
+    /// waited for.
+    async fn refuse_if_a_follower_is_ahead(&self) -> Result<(), PromoteError> {
+        let peers = self.peers();
+        if peers.is_empty() {
+            return Ok(());
+        }
+        // A follower with no leader to follow has no store open.
+        let ours = match self.store() {
+            Some(s) => s.latest_seq(),
+            None => {
+                let data = self.cfg.data.clone();
+                tokio::task::spawn_blocking(move || {
+                    Store::open_read_only(&data).map(|s| s.latest_seq())
+                })
+                .await
+                .map_err(|e| PromoteError::Failed(e.to_string()))?
+                .map_err(|e| {
+                    PromoteError::Failed(format!(
+                        "cannot read this node's sequence to compare it with its peers: {e}"
+                    ))
+                })?
+            }
+        };
+        let history = self.replica_history();
+        let same = |h: &Option<ferry_engine::History>| match (&history, h) {
+            (Some(a), Some(b)) => a.is_prefix_of(b) || b.is_prefix_of(a),
+            _ => true,
+        };
+        let mut ahead: Vec<String> = probe_peers(self, &peers)
+            .await
+            .into_iter()
+            .filter(|(_, i)| !i.leading && i.latest_seq > ours && same(&i.history))
+            .map(|(a, i)| format!("{a} (at {})", i.latest_seq))
+            .collect();
+        if ahead.is_empty() {
+            return Ok(());
+        }
+        ahead.sort();
+        metrics::counter!("ferry_promotions_refused_total").increment(1);
+        Err(PromoteError::Conflict(format!(
+            "another follower is ahead of this node (at {ours}): {}; promote the most advanced follower instead, or use --force (writes beyond {ours} that only they hold would then be moved aside on them)",
+            ahead.join(", ")
+        )))
     }
 
     /// The open store, unless the node is seeding.
@@ -406,6 +468,7 @@ impl Node {
                 .unwrap_or(0),
             detail: self.detail(),
             promoted: self.promoted.load(Ordering::SeqCst),
+            fenced: self.fenced(),
         };
         f(&mut p);
         let path = ferry_engine::ferry_dir(&self.cfg.data).join("node.json");
@@ -450,13 +513,76 @@ pub fn tls_dir(data: &Path) -> PathBuf {
     ferry_engine::ferry_dir(data).join("tls")
 }
 
+/// Why a data directory must not be started as a leader without `--follow`,
+/// if it must not: it was fenced, or it has followed another node and was
+/// never promoted. Leadership then comes only through `ferry promote`, whose
+/// checks (the old leader is gone, no reachable follower is ahead) a bare
+/// restart would skip. `None` for a leader's directory and a new one.
+pub fn implicit_leadership_refused(data: &Path) -> Option<String> {
+    let ferry = ferry_engine::ferry_dir(data);
+    let node_json = ferry.join("node.json");
+    let persisted = match std::fs::read(&node_json) {
+        Ok(b) => match serde_json::from_slice::<Persisted>(&b) {
+            Ok(p) => Some(p),
+            // Unreadable: it cannot tell what this node was, so it does
+            // not lead on a guess.
+            Err(e) => {
+                return Some(format!(
+                    "{} cannot be read ({e}), so whether this node followed another cannot be told",
+                    node_json.display()
+                ))
+            }
+        },
+        Err(_) => None,
+    };
+    if let Some(p) = &persisted {
+        if let Some(why) = p.fenced.as_ref().or((p.state == NodeState::Fenced)
+            .then_some(&p.detail)
+            .and_then(|d| d.as_ref()))
+        {
+            return Some(format!(
+                "this node was fenced as a leader ({why}); it must not lead again. Restart it with --follow naming the new leader (or the peer set): it then rejoins, and writes only it held are moved aside, not deleted"
+            ));
+        }
+        if p.promoted {
+            return None;
+        }
+        let followed =
+            p.leader.is_some() || !matches!(p.state, NodeState::Leader | NodeState::Stopped);
+        if followed {
+            let leader = p.leader.as_deref().unwrap_or("its leader");
+            return Some(format!(
+                "this data directory belongs to a follower of {leader} (last state {}); started without --follow it would lead a second history beside the real leader. Restart it with --follow {leader} (or the peer set). To make it the leader, start it as a follower and run `ferry promote`, which refuses while the leader is reachable or another follower is ahead",
+                p.state.as_str()
+            ));
+        }
+    }
+    if ferry.join("replica.json").exists() && !persisted.as_ref().is_some_and(|p| p.promoted) {
+        return Some(
+            "this data directory holds a follower's replication state (.ferry/replica.json: it was seeded from, or followed, another node); start it with --follow naming that node, or promote it with `ferry promote`. A copy meant to lead a cluster of its own must not share its source's history: remove its .ferry directory first (it then starts a new history and identity)".into(),
+        );
+    }
+    None
+}
+
 /// Starts a node; returns once it is running (the work goes on in tasks).
 pub async fn start(cfg: NodeConfig) -> Result<Arc<Node>> {
     let (shutdown, _) = watch::channel(false);
     let persisted = read_persisted(&cfg.data);
     // A promoted node leads after a restart too, whatever peers its command
     // line names (fencing clears the mark).
-    let promoted = persisted.as_ref().is_some_and(|p| p.promoted) && has_database(&cfg.data);
+    let promoted = persisted
+        .as_ref()
+        .is_some_and(|p| p.promoted && p.fenced.is_none())
+        && has_database(&cfg.data);
+    if cfg.follow.is_empty() && !promoted {
+        if let Some(why) = implicit_leadership_refused(&cfg.data) {
+            return Err(crate::config::usage(format!(
+                "refusing to start {} as a leader: {why}",
+                cfg.data.display()
+            )));
+        }
+    }
     let leads = cfg.follow.is_empty() || promoted;
     let (promote_tx, promote_rx) = mpsc::channel(1);
     let node = Arc::new(Node {
@@ -526,23 +652,18 @@ async fn start_leader(node: Arc<Node>) -> Result<Arc<Node>> {
     let store = tokio::task::spawn_blocking(move || Store::open(&data, opts))
         .await?
         .with_context(|| format!("open the store in {}", cfg.data.display()))?;
-    // The history: this leader's term, a new one when this node followed
-    // another before (it was promoted by being started as a leader).
-    let was_follower = read_persisted(&cfg.data).is_some_and(|p| p.leader.is_some());
+    // The history: this leader's term (a new history for a database that
+    // never had one). A directory that followed another node never gets
+    // here ([`implicit_leadership_refused`]): it leads only by promotion.
     let history = {
         let (data, latest) = (cfg.data.clone(), store.latest_seq());
         tokio::task::spawn_blocking(move || -> Result<ferry_engine::History> {
-            let mut h = match ferry_engine::History::load(&data)? {
-                Some(h) if !was_follower => h,
-                Some(mut h) => {
-                    h.begin_term(latest);
-                    h
-                }
-                None => ferry_engine::History::new(latest),
+            let h = match ferry_engine::History::load(&data)
+                .with_context(|| format!("read the replication history in {}", data.display()))?
+            {
+                Some(h) if !h.terms.is_empty() => h,
+                _ => ferry_engine::History::new(latest),
             };
-            if h.terms.is_empty() {
-                h = ferry_engine::History::new(latest);
-            }
             h.save(&data)?;
             Ok(h)
         })
@@ -699,6 +820,9 @@ async fn become_leader(
     server.set_stream_handler(Arc::clone(&replication) as _);
     node.set_state(NodeState::Leader, None);
     let peers = node.peers();
+    if peers.is_empty() {
+        tracing::warn!("fencing is off: this leader has no --peers, so it cannot learn that another node was promoted and would keep taking writes beside it");
+    }
     if !peers.is_empty() {
         // Take no write before the peers had their say.
         check_fence(node, &peers).await;
@@ -1091,6 +1215,33 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         drop(server);
         *node.store.write() = None;
         let _ = store.sync_wal();
+        // A database the leader refused is about to be replaced: keep it
+        // aside first, so writes only it held are never destroyed silently.
+        if let (ReplicationEnd::Diverged { message }, None, OnDivergence::Reseed) =
+            (&end, &interrupt, cfg.on_divergence)
+        {
+            let (s2, why) = (store.clone(), message.clone());
+            let keep = cfg.keep_aside;
+            match tokio::task::spawn_blocking(move || s2.set_aside(&why, keep)).await? {
+                Ok(a) => {
+                    metrics::counter!("ferry_databases_set_aside_total").increment(1);
+                    tracing::error!(aside = %a.name, seq = a.seq, "the diverged database is set aside before the re-seed; list it with `ferry aside --data {}`", cfg.data.display());
+                }
+                Err(e) => {
+                    // Fail closed: without the copy, nothing is replaced.
+                    let msg = format!(
+                        "cannot set the diverged database aside ({e}); not re-seeding over it"
+                    );
+                    tracing::error!("{msg}");
+                    node.set_state(NodeState::Diverged, Some(msg));
+                    store.set_follower(true);
+                    *node.store.write() = Some(store);
+                    let _ = shutdown.wait_for(|s| *s).await;
+                    *node.store.write() = None;
+                    break;
+                }
+            }
+        }
         // Everything that still holds the database is asked to let go; the
         // node waits for it (re-seeding under an open database would break
         // it) and says so, but never gives up for good.
@@ -1368,6 +1519,7 @@ async fn promote_here(node: &Arc<Node>, store: &Store, server: &Arc<Server>) -> 
         history: term.id.to_string(),
         seq: term.start,
         previous_leader: previous,
+        warning: "the old leader stops taking writes only if it runs with --peers naming this node (it then fences itself when it can reach it); otherwise make sure it is stopped, and restart it with --follow".into(),
     })
 }
 

@@ -129,18 +129,49 @@ fn malformed(reason: impl Into<String>) -> Error {
 
 /// Walks every record of a serialized batch and returns its operation count.
 fn validate(data: &[u8]) -> Result<u32> {
+    let header_count = header_count(data)?;
+    let mut found: u32 = 0;
+    walk_records(data, |counts, _| {
+        if counts {
+            found = found
+                .checked_add(1)
+                .ok_or_else(|| malformed("too many records"))?;
+        }
+        Ok(())
+    })?;
+    if found != header_count {
+        return Err(malformed(format!(
+            "header says {header_count} operations, found {found}"
+        )));
+    }
+    Ok(found)
+}
+
+fn header_count(data: &[u8]) -> Result<u32> {
     if data.len() < HEADER_LEN {
         return Err(malformed(format!(
             "{} bytes is shorter than the header",
             data.len()
         )));
     }
-    let header_count = u32::from_le_bytes([data[8], data[9], data[10], data[11]]);
+    Ok(u32::from_le_bytes([data[8], data[9], data[10], data[11]]))
+}
+
+/// Calls `f(counts, bytes)` for every record of a serialized batch, in
+/// order: `counts` tells whether the record takes a sequence number (every
+/// operation does; `LogData` does not), `bytes` is the whole record (tag and
+/// fields). Records are self-delimiting, so their concatenation is
+/// unambiguous whatever batches they were cut into.
+pub(crate) fn walk_records(
+    data: &[u8],
+    mut f: impl FnMut(bool, &[u8]) -> Result<()>,
+) -> Result<()> {
+    header_count(data)?;
     let mut r = Reader {
         buf: &data[HEADER_LEN..],
     };
-    let mut found: u32 = 0;
     while !r.buf.is_empty() {
+        let start = r.buf;
         let tag = r.byte()?;
         let counts = match tag {
             // Deletion, SingleDeletion: key.
@@ -180,18 +211,40 @@ fn validate(data: &[u8]) -> Result<u32> {
             }
             other => return Err(malformed(format!("unsupported record type {other:#04x}"))),
         };
-        if counts {
-            found = found
-                .checked_add(1)
-                .ok_or_else(|| malformed("too many records"))?;
+        let used = start.len() - r.buf.len();
+        f(counts, &start[..used])?;
+    }
+    Ok(())
+}
+
+/// The operations of a serialized batch, in order: `(kind, key, value)`,
+/// one for each sequence it takes (column families are not told apart); a
+/// range deletion's value is its end key.
+pub fn decode_ops(data: &[u8]) -> Result<Vec<(&'static str, Vec<u8>, Option<Vec<u8>>)>> {
+    let mut out = Vec::new();
+    walk_records(data, |counts, record| {
+        if !counts {
+            return Ok(());
         }
-    }
-    if found != header_count {
-        return Err(malformed(format!(
-            "header says {header_count} operations, found {found}"
-        )));
-    }
-    Ok(found)
+        let mut r = Reader { buf: record };
+        let tag = r.byte()?;
+        if matches!(tag, 0x04 | 0x05 | 0x06 | 0x08 | 0x0E | 0x10 | 0x17) {
+            r.varint32()?;
+        }
+        let key = r.slice()?.to_vec();
+        let (kind, value) = match tag {
+            0x00 | 0x04 => ("delete", None),
+            0x07 | 0x08 => ("single-delete", None),
+            0x01 | 0x05 => ("put", Some(r.slice()?.to_vec())),
+            0x02 | 0x06 => ("merge", Some(r.slice()?.to_vec())),
+            0x0F | 0x0E => ("delete-range", Some(r.slice()?.to_vec())),
+            0x11 | 0x10 => ("blob-index", Some(r.slice()?.to_vec())),
+            _ => ("entity", Some(r.slice()?.to_vec())),
+        };
+        out.push((kind, key, value));
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 struct Reader<'a> {

@@ -118,6 +118,19 @@ impl Feed {
         }
     }
 
+    /// The batches from the one that holds sequence `seq` on, in order, up
+    /// to `max`; `None` when the feed no longer (or not yet) holds `seq`.
+    pub fn read_from(&self, seq: Seq, max: usize) -> Option<Vec<Arc<RawBatch>>> {
+        let b = self.buf.lock();
+        let idx = b.batches.partition_point(|x| x.last() < seq);
+        match b.batches.get(idx) {
+            Some(first) if first.first() <= seq => {
+                Some(b.batches.range(idx..).take(max).cloned().collect())
+            }
+            _ => None,
+        }
+    }
+
     /// The last published sequence.
     pub fn latest(&self) -> Seq {
         *self.tx.borrow()

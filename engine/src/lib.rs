@@ -31,6 +31,7 @@ pub use manifest::{
 pub use paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
 #[cfg(feature = "rocksdb")]
 pub use store::{
-    list_checkpoints, CheckpointInfo, CorruptFile, Digest, Scan, ScanPage, ScrubReport, SeqRange,
-    Store, StoreOptions, WalIter, WriteId,
+    export_aside, list_asides, list_checkpoints, AsideInfo, CheckpointInfo, CorruptFile, Digest,
+    ExportedOp, Scan, ScanPage, ScrubReport, SeqRange, Store, StoreOptions, WalIter, WriteId,
+    PROOF_WINDOWS,
 };

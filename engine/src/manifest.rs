@@ -163,7 +163,18 @@ pub struct Manifest {
     pub chunk_size: u32,
     /// Sorted by name; `CURRENT` is among them and must be installed last.
     pub files: Vec<FileEntry>,
+    /// The leader's proofs of its operations up to `seq`: `(first, hash)`
+    /// of its operations `first..=seq` (see `Store::range_hash`). A node
+    /// seeded from this checkpoint shows them to prove its position when
+    /// the checkpoint carried no WAL to prove it from. Encoded after the
+    /// files only when present, so manifests without them read as before.
+    pub proofs: Vec<(Seq, Hash)>,
 }
+
+/// The most proofs a manifest carries.
+pub const MAX_MANIFEST_PROOFS: usize = 8;
+/// Marks the optional proofs section after the files.
+const PROOFS_TAG: u8 = b'P';
 
 /// The id of a manifest: the blake3 hash of its encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -173,6 +184,19 @@ impl fmt::Display for ManifestId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&hex::encode(self.0))
     }
+}
+
+/// The next `n` bytes of a manifest being decoded.
+fn take<'a>(buf: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if buf.len() < n {
+        return Err(Error::Malformed {
+            what: "manifest",
+            reason: "truncated".into(),
+        });
+    }
+    let (a, b) = buf.split_at(n);
+    *buf = b;
+    Ok(a)
 }
 
 impl Manifest {
@@ -214,6 +238,15 @@ impl Manifest {
                 out.extend_from_slice(c);
             }
         }
+        let proofs = &self.proofs[..self.proofs.len().min(MAX_MANIFEST_PROOFS)];
+        if !proofs.is_empty() {
+            out.push(PROOFS_TAG);
+            out.push(proofs.len() as u8);
+            for (first, hash) in proofs {
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(hash);
+            }
+        }
         out
     }
 
@@ -223,27 +256,23 @@ impl Manifest {
             what: "manifest",
             reason,
         };
-        let mut take = |n: usize| -> Result<&[u8]> {
-            if buf.len() < n {
-                return Err(Error::Malformed {
-                    what: "manifest",
-                    reason: "truncated".into(),
-                });
-            }
-            let (a, b) = buf.split_at(n);
-            buf = b;
-            Ok(a)
-        };
-        if take(4)? != MAGIC {
+        if take(&mut buf, 4)? != MAGIC {
             return Err(bad("bad magic".into()));
         }
-        let version = take(1)?[0];
+        let version = take(&mut buf, 1)?[0];
         if version != VERSION {
             return Err(bad(format!("unsupported version {version}")));
         }
-        let seq = u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad("seq".into()))?);
-        let chunk_size =
-            u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("chunk size".into()))?);
+        let seq = u64::from_le_bytes(
+            take(&mut buf, 8)?
+                .try_into()
+                .map_err(|_| bad("seq".into()))?,
+        );
+        let chunk_size = u32::from_le_bytes(
+            take(&mut buf, 4)?
+                .try_into()
+                .map_err(|_| bad("chunk size".into()))?,
+        );
         if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size) {
             return Err(bad(format!(
                 "chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}"
@@ -254,7 +283,11 @@ impl Manifest {
                 "chunk size {chunk_size} is not a power of two"
             )));
         }
-        let count = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("count".into()))?);
+        let count = u32::from_le_bytes(
+            take(&mut buf, 4)?
+                .try_into()
+                .map_err(|_| bad("count".into()))?,
+        );
         if count > MAX_FILES {
             return Err(bad(format!(
                 "{count} files exceeds the maximum {MAX_FILES}"
@@ -263,23 +296,30 @@ impl Manifest {
         let mut files = Vec::with_capacity((count as usize).min(4096));
         let mut seen = HashSet::new();
         for _ in 0..count {
-            let len = take(1)?[0] as usize;
-            let name = std::str::from_utf8(take(len)?)
+            let len = take(&mut buf, 1)?[0] as usize;
+            let name = std::str::from_utf8(take(&mut buf, len)?)
                 .map_err(|_| bad("file name is not utf-8".into()))?;
             let name = FileName::parse(name)?;
             if !seen.insert(name.clone()) {
                 return Err(bad(format!("file {name} is listed twice")));
             }
-            let size = u64::from_le_bytes(take(8)?.try_into().map_err(|_| bad("size".into()))?);
+            let size = u64::from_le_bytes(
+                take(&mut buf, 8)?
+                    .try_into()
+                    .map_err(|_| bad("size".into()))?,
+            );
             if size > MAX_FILE_SIZE {
                 return Err(bad(format!(
                     "file {name} of {size} bytes exceeds the maximum"
                 )));
             }
-            let hash: Hash = take(32)?.try_into().map_err(|_| bad("hash".into()))?;
+            let hash: Hash = take(&mut buf, 32)?
+                .try_into()
+                .map_err(|_| bad("hash".into()))?;
             let n = size.div_ceil(u64::from(chunk_size)) as usize;
             // Bound the allocation by what is actually left in the buffer.
             let raw = take(
+                &mut buf,
                 n.checked_mul(32)
                     .ok_or_else(|| bad("chunk count overflows".into()))?,
             )?;
@@ -294,6 +334,32 @@ impl Manifest {
                 chunks,
             });
         }
+        let mut proofs = Vec::new();
+        if !buf.is_empty() {
+            if take(&mut buf, 1)?[0] != PROOFS_TAG {
+                return Err(bad("unknown section after the files".into()));
+            }
+            let n = take(&mut buf, 1)?[0] as usize;
+            if n == 0 || n > MAX_MANIFEST_PROOFS {
+                return Err(bad(format!(
+                    "{n} proofs is outside 1..={MAX_MANIFEST_PROOFS}"
+                )));
+            }
+            for _ in 0..n {
+                let first = u64::from_le_bytes(
+                    take(&mut buf, 8)?
+                        .try_into()
+                        .map_err(|_| bad("proof".into()))?,
+                );
+                let hash: Hash = take(&mut buf, 32)?
+                    .try_into()
+                    .map_err(|_| bad("proof".into()))?;
+                if first == 0 || first > seq {
+                    return Err(bad(format!("proof {first}..={seq} is not a range")));
+                }
+                proofs.push((first, hash));
+            }
+        }
         if !buf.is_empty() {
             return Err(bad(format!("{} trailing bytes", buf.len())));
         }
@@ -304,6 +370,7 @@ impl Manifest {
             seq,
             chunk_size,
             files,
+            proofs,
         })
     }
 }
@@ -506,6 +573,7 @@ pub fn build_manifest(
             seq,
             chunk_size,
             files,
+            proofs: Vec::new(),
         },
         stats,
     ))
@@ -663,6 +731,7 @@ mod tests {
                     chunks: vec![],
                 },
             ],
+            proofs: vec![],
         }
     }
 
@@ -672,6 +741,20 @@ mod tests {
         let enc = m.encode();
         assert_eq!(Manifest::decode(&enc).unwrap(), m);
         assert_eq!(m.id(), Manifest::decode(&enc).unwrap().id());
+        let mut p = sample();
+        p.proofs = vec![(42, [7; 32]), (1, [8; 32])];
+        let enc = p.encode();
+        assert_eq!(Manifest::decode(&enc).unwrap(), p);
+        assert_ne!(p.id(), m.id());
+        for cut in sample().encode().len() + 1..enc.len() {
+            assert!(Manifest::decode(&enc[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut past = sample();
+        past.proofs = vec![(43, [7; 32])];
+        assert!(
+            Manifest::decode(&past.encode()).is_err(),
+            "a proof past seq"
+        );
     }
 
     #[test]

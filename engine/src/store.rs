@@ -186,31 +186,74 @@ mod hex_array {
     }
 }
 
-/// Hashes the records of consecutive batches covering `first..=last`.
+/// Hashes the operations with sequences `first..=last` of consecutive
+/// batches, record by record.
+///
+/// Only the records count, never where the batches were cut: a leader's two
+/// single puts and a follower's one applied group of them, or a forked
+/// leader's one two-op batch over the same sequences, are compared op by
+/// op. A range may start and end inside a batch. `LogData` records take no
+/// sequence and are left out.
 struct RangeHasher {
     h: blake3::Hasher,
     first: Seq,
+    /// The next sequence to hash.
     next: Seq,
+    /// The last sequence to hash.
+    limit: Seq,
 }
 
 impl RangeHasher {
+    /// From `first` on, without an end (a write or an applied group).
     fn new(first: Seq) -> Self {
+        Self::bounded(first, Seq::MAX)
+    }
+
+    fn bounded(first: Seq, last: Seq) -> Self {
         Self {
             h: blake3::Hasher::new(),
             first,
             next: first,
+            limit: last,
         }
     }
 
-    /// Adds the records of a batch (or a group) of `count` operations
-    /// starting at `first`; `data` is its RocksDB serialization.
+    /// Whether every sequence up to the limit was hashed.
+    fn done(&self) -> bool {
+        self.next > self.limit
+    }
+
+    /// Adds the operations of a batch (or a group) of `count` operations
+    /// starting at `first` that fall in the range; `data` is its RocksDB
+    /// serialization. False when the batch leaves a gap after what was
+    /// hashed (or cannot be read): the range cannot be completed from it.
     fn add(&mut self, first: Seq, count: u32, data: &[u8]) -> bool {
-        if first != self.next {
+        if count == 0 || self.done() {
+            return true;
+        }
+        let last = first + u64::from(count) - 1;
+        if last < self.next {
+            return true;
+        }
+        if first > self.next {
             return false;
         }
-        self.h
-            .update(data.get(crate::batch::HEADER_LEN..).unwrap_or(&[]));
-        self.next = first + u64::from(count);
+        let mut seq = first;
+        let (from, limit) = (self.next, self.limit);
+        let h = &mut self.h;
+        let walked = crate::batch::walk_records(data, |counts, record| {
+            if counts {
+                if seq >= from && seq <= limit {
+                    h.update(record);
+                }
+                seq += 1;
+            }
+            Ok(())
+        });
+        if walked.is_err() || seq != last + 1 {
+            return false;
+        }
+        self.next = last.min(self.limit) + 1;
         true
     }
 
@@ -226,6 +269,10 @@ impl RangeHasher {
         }
     }
 }
+
+/// The proof windows a follower offers, in sequences ending at its last:
+/// the leader checks every one its WAL still reaches.
+pub const PROOF_WINDOWS: [u64; 3] = [1, 64, 4096];
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -384,6 +431,13 @@ impl Store {
         self.inner.db.latest_sequence_number()
     }
 
+    /// The last sequence known durable: synced to the WAL (with durable
+    /// shipping) and published to the feed. Batches after it may still be
+    /// lost to a power cut, so they are not shipped.
+    pub fn durable_seq(&self) -> Seq {
+        self.inner.durable.load(Ordering::SeqCst)
+    }
+
     /// RocksDB's compactions running now (`rocksdb.num-running-compactions`;
     /// 0 if RocksDB does not say).
     pub fn compactions_running(&self) -> u64 {
@@ -512,10 +566,15 @@ impl Store {
         *self.inner.last_write.lock()
     }
 
-    /// The [`WriteId`] of this store's batches covering exactly
-    /// `first..=last`: from the feed when it still holds them, else from the
-    /// WAL. `Ok(None)` when neither does (the WAL was purged); an error when
-    /// no batch starts at `first` or none ends at `last`.
+    /// The [`WriteId`] of this store's operations `first..=last`, from the
+    /// feed when it still holds them, else from the WAL; the range may start
+    /// and end inside batches ([`RangeHasher`]).
+    ///
+    /// `Ok(None)` only when this store cannot say: its WAL was purged past
+    /// `first` (the oldest sequence it holds is above it). Anything else
+    /// that keeps the range from being hashed (a gap, an unreadable batch)
+    /// is an error, never `None`: a caller that proves history with this
+    /// must not mistake a fork for a purged WAL.
     pub fn range_hash(&self, first: Seq, last: Seq) -> Result<Option<WriteId>> {
         if first == 0 || last < first || last > self.latest_seq() {
             return Err(Error::Malformed {
@@ -523,43 +582,26 @@ impl Store {
                 reason: format!("{first}..={last} is not a range of this store"),
             });
         }
-        let mut h = RangeHasher::new(first);
-        if let Ok(batches) = self.inner.feed.read_after(first - 1, usize::MAX) {
+        if let Some(batches) = self.inner.feed.read_from(first, usize::MAX) {
+            let mut h = RangeHasher::bounded(first, last);
             for b in batches {
-                if b.first() > last {
+                if h.done() || !h.add(b.first(), b.count(), b.data()) {
                     break;
                 }
-                h.add(b.first(), b.count(), b.data());
             }
-            if h.next == last + 1 {
+            if h.done() {
                 return Ok(Some(h.finish()));
             }
-            h = RangeHasher::new(first);
         }
-        let iter = match self.wal_since(first - 1) {
-            Ok(it) => it,
-            Err(Error::WalPurged { .. }) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        for b in iter {
-            let b = match b {
-                Ok(b) => b,
-                Err(Error::WalPurged { .. }) => return Ok(None),
-                Err(e) => return Err(e),
-            };
-            if b.first() > last {
-                break;
-            }
-            h.add(b.first(), b.count(), b.data());
-            if h.next > last {
-                break;
-            }
+        let mut h = RangeHasher::bounded(first, last);
+        if !self.hash_wal_from(&mut h)? {
+            return Ok(None);
         }
-        if h.next != last + 1 {
+        if !h.done() {
             return Err(Error::Malformed {
                 what: "write range",
                 reason: format!(
-                    "this store's batches do not end at {last} (the one covering it ends at {})",
+                    "this store's WAL does not hold every operation of {first}..={last} (it stops at {})",
                     h.next - 1
                 ),
             });
@@ -567,18 +609,93 @@ impl Store {
         Ok(Some(h.finish()))
     }
 
-    /// The [`WriteId`] of the last write in this store's WAL after
-    /// `after` (a boundary of a write): how a restarted follower finds what
-    /// it last applied. `None` when the WAL holds nothing after it.
-    pub fn last_write_after(&self, after: Seq) -> Result<Option<WriteId>> {
-        let mut last = None;
-        for b in self.wal_since(after)? {
-            let b = b?;
-            let mut h = RangeHasher::new(b.first());
-            h.add(b.first(), b.count(), b.data());
-            last = Some(h.finish());
+    /// Feeds `h` from the WAL, starting with the batch that holds `h.next`.
+    /// RocksDB's iterator yields only batches that start after the sequence
+    /// asked for, so the batch holding `h.next` (which may start well before
+    /// it) is found by asking from further and further back. False when the
+    /// WAL was purged past `h.next`.
+    fn hash_wal_from(&self, h: &mut RangeHasher) -> Result<bool> {
+        let seq = h.next;
+        let mut back: u64 = 1;
+        let mut oldest: Option<Option<Seq>> = None;
+        loop {
+            let start = seq.saturating_sub(back);
+            let mut found = false;
+            if let Ok(iter) = self.inner.db.get_updates_since(start) {
+                for item in iter {
+                    let (bseq, wb) = item.map_err(rocks(&self.inner.path))?;
+                    if wb.is_empty() {
+                        continue;
+                    }
+                    let count = wb.len() as u32;
+                    let blast = bseq + u64::from(count) - 1;
+                    if !found {
+                        if blast < seq {
+                            continue;
+                        }
+                        if bseq > seq {
+                            break;
+                        }
+                        found = true;
+                    }
+                    if !h.add(bseq, count, wb.data()) || h.done() {
+                        break;
+                    }
+                }
+            }
+            if found {
+                return Ok(true);
+            }
+            let oldest = *oldest.get_or_insert_with(|| self.oldest_wal_seq().ok().flatten());
+            match oldest {
+                Some(o) if o > seq => return Ok(false),
+                None => return Ok(false),
+                // Asked from before the oldest batch and still not found:
+                // the WAL has a hole where `seq` should be.
+                Some(o) if start < o || start == 0 => {
+                    return Err(Error::WalGap {
+                        expected: seq,
+                        found: o,
+                    })
+                }
+                _ => back = back.saturating_mul(64),
+            }
         }
-        Ok(last)
+    }
+
+    /// Proofs of this store's operations ending at `last`, one for each of
+    /// [`PROOF_WINDOWS`] its feed or WAL still covers (shorter at the start
+    /// of the WAL): what a follower shows its leader.
+    pub fn proofs(&self, last: Seq) -> Vec<WriteId> {
+        if last == 0 || last > self.latest_seq() {
+            return Vec::new();
+        }
+        let mut out: Vec<WriteId> = Vec::new();
+        for n in PROOF_WINDOWS {
+            let first = last.saturating_sub(n - 1).max(1);
+            match self.range_hash(first, last) {
+                Ok(Some(w)) => out.push(w),
+                Ok(None) => {
+                    // The WAL starts inside the window: prove from its start.
+                    if let Ok(Some(o)) = self.oldest_wal_seq() {
+                        if o > first && o <= last && out.last().is_none_or(|w| w.first > o) {
+                            if let Ok(Some(w)) = self.range_hash(o, last) {
+                                out.push(w);
+                            }
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(first, last, error = %e, "cannot hash this store's own operations");
+                    break;
+                }
+            }
+            if first == 1 {
+                break;
+            }
+        }
+        out
     }
 
     pub fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<SeqRange> {
@@ -952,6 +1069,64 @@ impl Store {
         Ok(CheckpointInfo { name, path, seq })
     }
 
+    /// Sets this database aside before it is replaced (a diverged follower,
+    /// an old leader that rejoins): a hard-linked checkpoint under
+    /// `DIR/.ferry/aside/`, with `reason` and its sequence in
+    /// `aside.json`, so writes the cluster no longer has are kept, not
+    /// deleted, and can be exported ([`export_aside`]). At most `keep`
+    /// copies are kept; older ones are removed (logged), so repeated
+    /// divergences cannot fill the disk.
+    pub fn set_aside(&self, reason: &str, keep: usize) -> Result<AsideInfo> {
+        let dir = aside_dir(&self.inner.path);
+        std::fs::create_dir_all(&dir).map_err(io("create directory", &dir))?;
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!("{CHECKPOINT_TMP}{nanos}-{}", std::process::id()));
+        rocksdb::checkpoint::Checkpoint::new(&self.inner.db)
+            .and_then(|c| c.create_checkpoint_with_log_size(&tmp, CHECKPOINT_NEVER_FLUSH))
+            .map_err(rocks(&tmp))?;
+        let seq = match read_only_seq(&tmp).and_then(|seq| {
+            // A checkpoint copies only the live WAL; the writes before the
+            // last restart or flush are in RocksDB's archive. Link those
+            // (immutable) files too, so the export reaches them.
+            link_dir_files(&self.inner.path.join("archive"), &tmp.join("archive"))?;
+            Ok(seq)
+        }) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        };
+        let info = AsideInfo {
+            name: format!("aside-{seq:020}-{nanos}"),
+            seq,
+            oldest_wal_seq: self.oldest_wal_seq().ok().flatten(),
+            reason: reason.to_owned(),
+            created_unix: (nanos / 1_000_000_000) as u64,
+        };
+        let meta = serde_json::to_vec_pretty(&info).map_err(|e| Error::Malformed {
+            what: "aside.json",
+            reason: e.to_string(),
+        })?;
+        write_atomic(&tmp.join(ASIDE_META), &meta)?;
+        let path = dir.join(&info.name);
+        std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync directory", &dir))?;
+        let all = list_asides(&self.inner.path)?;
+        for old in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+            let p = dir.join(&old.name);
+            tracing::warn!(aside = %old.name, seq = old.seq, "removing the oldest set-aside database (over the limit of {keep})");
+            std::fs::remove_dir_all(&p).map_err(io("remove", &p))?;
+        }
+        tracing::warn!(aside = %info.name, seq, "database set aside: {reason}");
+        Ok(info)
+    }
+
     /// The checkpoints under the data directory, oldest first.
     pub fn checkpoints(&self) -> Result<Vec<CheckpointInfo>> {
         list_checkpoints(&self.inner.path)
@@ -973,14 +1148,24 @@ impl Store {
     /// Builds the manifest of a checkpoint, reusing cached hashes of SSTs.
     pub fn manifest(&self, cp: &CheckpointInfo) -> Result<(Manifest, HashStats)> {
         let identity = identity(&self.inner.path);
-        let mut cache = self.inner.hash_cache.lock();
-        build_manifest(
-            &cp.path,
-            cp.seq,
-            self.inner.opts.chunk_size,
-            &identity,
-            &mut cache,
-        )
+        let (mut manifest, stats) = {
+            let mut cache = self.inner.hash_cache.lock();
+            build_manifest(
+                &cp.path,
+                cp.seq,
+                self.inner.opts.chunk_size,
+                &identity,
+                &mut cache,
+            )?
+        };
+        // What a node seeded from it shows to prove its position, should
+        // the checkpoint carry no WAL to prove it from.
+        manifest.proofs = self
+            .proofs(cp.seq)
+            .into_iter()
+            .map(|w| (w.first, w.hash))
+            .collect();
+        Ok((manifest, stats))
     }
 
     // ---- WAL ---------------------------------------------------------
@@ -1126,6 +1311,168 @@ impl Iterator for WalIter {
         }
         r
     }
+}
+
+/// Where set-aside databases live.
+const ASIDE: &str = "aside";
+const ASIDE_META: &str = "aside.json";
+
+fn aside_dir(data: &Path) -> PathBuf {
+    ferry_dir(data).join(ASIDE)
+}
+
+/// A database set aside before it was replaced ([`Store::set_aside`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AsideInfo {
+    pub name: String,
+    /// The last sequence it holds.
+    pub seq: Seq,
+    /// The first sequence its WAL still holds: writes from there on can be
+    /// exported one by one.
+    pub oldest_wal_seq: Option<Seq>,
+    /// Why it was set aside (the leader's refusal).
+    pub reason: String,
+    pub created_unix: u64,
+}
+
+/// The databases set aside under `data`, oldest first.
+pub fn list_asides(data: &Path) -> Result<Vec<AsideInfo>> {
+    let dir = aside_dir(data);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io("read directory", &dir)(e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(io("read directory", &dir))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(CHECKPOINT_TMP) {
+            // Cut short while it was being made.
+            let _ = std::fs::remove_dir_all(&path);
+            continue;
+        }
+        if !name.starts_with("aside-") {
+            continue;
+        }
+        let meta = path.join(ASIDE_META);
+        let b = std::fs::read(&meta).map_err(io("read", &meta))?;
+        let info: AsideInfo = serde_json::from_slice(&b).map_err(|e| Error::Malformed {
+            what: "aside.json",
+            reason: format!("{}: {e}", meta.display()),
+        })?;
+        out.push(info);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Hard-links every file of `from` (if it exists) into `to`.
+fn link_dir_files(from: &Path, to: &Path) -> Result<()> {
+    let rd = match std::fs::read_dir(from) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io("read directory", from)(e)),
+    };
+    std::fs::create_dir_all(to).map_err(io("create directory", to))?;
+    for e in rd {
+        let e = e.map_err(io("read directory", from))?;
+        if e.path().is_file() {
+            std::fs::hard_link(e.path(), to.join(e.file_name())).map_err(io("link", &e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One operation exported from a set-aside database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ExportedOp {
+    pub seq: Seq,
+    pub op: &'static str,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Calls `f` with every operation of the set-aside database `name` from
+/// sequence `from` on (its WAL's first when `None`), in order. The copy is
+/// opened through hard links in a scratch directory, so the aside copy
+/// itself is never changed. Errors when its WAL no longer reaches `from`.
+pub fn export_aside(
+    data: &Path,
+    name: &str,
+    from: Option<Seq>,
+    mut f: impl FnMut(ExportedOp) -> Result<()>,
+) -> Result<AsideInfo> {
+    let info = list_asides(data)?
+        .into_iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| Error::NoCheckpoint {
+            name: name.to_owned(),
+            path: aside_dir(data),
+        })?;
+    let src = aside_dir(data).join(name);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let scratch = Scratch(ferry_dir(data).join(format!("export-{nanos}-{}", std::process::id())));
+    let db = scratch.0.clone();
+    std::fs::create_dir_all(&db).map_err(io("create directory", &db))?;
+    link_dir_files(&src.join("archive"), &db.join("archive"))?;
+    for e in std::fs::read_dir(&src).map_err(io("read directory", &src))? {
+        let e = e.map_err(io("read directory", &src))?;
+        let (from_p, to_p) = (e.path(), db.join(e.file_name()));
+        if e.file_name() == ASIDE_META || !from_p.is_file() {
+            continue;
+        }
+        // WAL and MANIFEST files change when a database opens: copy those,
+        // link the immutable SSTs.
+        let immutable = e.file_name().to_string_lossy().ends_with(".sst");
+        if immutable {
+            std::fs::hard_link(&from_p, &to_p).map_err(io("link", &from_p))?;
+        } else {
+            std::fs::copy(&from_p, &to_p).map_err(io("copy", &from_p))?;
+        }
+    }
+    let store = Store::open(
+        &db,
+        StoreOptions {
+            create_if_missing: false,
+            ..StoreOptions::default()
+        },
+    )?;
+    let start = from.or(info.oldest_wal_seq).unwrap_or(1).max(1);
+    if start > store.latest_seq() {
+        return Ok(info);
+    }
+    let result = (|| -> Result<()> {
+        for b in store.wal_since(start - 1)? {
+            let b = b?;
+            for (i, (kind, key, value)) in
+                crate::batch::decode_ops(b.data())?.into_iter().enumerate()
+            {
+                f(ExportedOp {
+                    seq: b.first() + i as u64,
+                    op: kind,
+                    key,
+                    value,
+                })?;
+            }
+        }
+        Ok(())
+    })();
+    drop(store);
+    result.map(|()| info)
 }
 
 /// Removes the checkpoints in `dir` that were never completed.

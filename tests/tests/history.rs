@@ -179,3 +179,79 @@ fn semi_synchronous_writes_are_readable_on_the_follower_at_once() {
     // It stays on the leader.
     assert_eq!(get(&leader.url("/v1/kv/b1")).status, 404);
 }
+
+/// The issue-25 fork: the follower's last two writes were single PUTs; the
+/// leader, restored from a copy taken before them, takes one two-op batch
+/// over the same sequences and then 100 more writes. No batch of the
+/// leader starts where the follower's last write starts, which once looked
+/// like a purged WAL and was accepted. It must be refused, the follower's
+/// database set aside (not deleted) and its lost writes exportable.
+#[test]
+fn a_fork_that_cuts_the_same_sequences_into_other_batches_is_refused_and_set_aside() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let ldir = d.path().join("leader");
+    let mut leader = Proc::start(&ldir, &["--node-id", "leader"]);
+    leader.fill("base-", 300, 50, 100);
+    let fdir = d.path().join("f1");
+    let mut follower = Proc::follower(&fdir, "f1", leader.quic, &leader.token(), &[]);
+    follower.wait_state("live", T);
+    assert!(leader.stop().success());
+    copy_dir(&ldir, &d.path().join("leader-copy"));
+    leader.spawn();
+    leader.put("lost-1", b"first");
+    let lost = leader.put("lost-2", b"second");
+    let r = get(&follower.url(&format!("/v1/kv/lost-2?min_seq={lost}")));
+    assert_eq!(r.status, 200, "the follower applied both single puts");
+    assert!(follower.stop().success());
+    leader.kill();
+    std::fs::remove_dir_all(&ldir).expect("rm");
+    std::fs::rename(d.path().join("leader-copy"), &ldir).expect("restore");
+    leader.spawn();
+    let other = leader.fill("other-", 2, 2, 100);
+    assert_eq!(
+        other, lost,
+        "one batch over exactly the follower's two writes"
+    );
+    leader.fill("more-", 100, 1, 100);
+
+    follower.spawn();
+    follower.wait_until("refused and re-seeded", T, |s| {
+        s["state"] == "live" && s["divergences"].as_u64() >= Some(1)
+    });
+    assert!(
+        follower.log_text().contains("differs from this leader's"),
+        "{}",
+        follower.log_text()
+    );
+    let (code, out) = verify(&leader, &follower);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(get(&follower.url("/v1/kv/lost-2")).status, 404);
+
+    // Kept aside, with the sequences it held, and exportable.
+    let s = follower.status();
+    let aside = s["set_aside"].as_array().cloned().unwrap_or_default();
+    assert_eq!(aside.len(), 1, "{s}");
+    assert_eq!(aside[0]["seq"].as_u64(), Some(lost), "{s}");
+    let name = aside[0]["name"].as_str().expect("name").to_owned();
+    let data = fdir.to_str().expect("utf-8");
+    let out = ferry_tests::ferry(&[
+        "aside",
+        "--data",
+        data,
+        "--export",
+        &name,
+        "--from",
+        &(lost - 1).to_string(),
+    ]);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0]["key"], "lost-1", "{out}");
+    assert_eq!(lines[1]["key"], "lost-2", "{out}");
+    assert_eq!(lines[1]["value"], "second", "{out}");
+    assert_eq!(lines[1]["seq"].as_u64(), Some(lost), "{out}");
+    let listed = ferry_tests::ferry(&["aside", "--data", data]);
+    assert!(listed.contains(&name), "{listed}");
+}

@@ -1266,3 +1266,48 @@ async fn a_seed_runs_at_idle_priority_when_told_to() {
         assert_eq!(follower.digest().unwrap(), leader.store.digest().unwrap());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_takes_no_datagram_frames_from_anyone() {
+    // Before authentication a peer could otherwise fill quinn's DATAGRAM
+    // receive buffer (about 1.25 MB a connection) on every slot.
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    let endpoint = ferry_transfer::endpoint::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &TransportOptions::default(),
+    )
+    .unwrap();
+    let conn = raw_connection(&endpoint, &leader).await.unwrap();
+    assert_eq!(
+        conn.max_datagram_size(),
+        None,
+        "the leader must not advertise DATAGRAM support"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reseed_removes_the_old_databases_archived_wal() {
+    // Archived WAL files of the old database, left beside the new one,
+    // would be read as the new database's history at reused sequences.
+    let leader = TestLeader::start(opts(), ServeOptions::default());
+    fill(&leader.store, 200, 1);
+    let target = tempfile::tempdir().unwrap();
+    {
+        let old = Store::open(target.path(), opts()).unwrap();
+        fill(&old, 300, 99);
+        old.flush().unwrap();
+        fill(&old, 10, 98);
+        old.flush().unwrap();
+    }
+    let archive = target.path().join("archive");
+    assert!(archive.is_dir(), "the old database archived its WAL");
+    let mut cfg = leader.seed_config(target.path());
+    cfg.reuse_existing = true;
+    ferry_transfer::seed(cfg).await.unwrap();
+    assert!(!archive.exists(), "the old archive survived the re-seed");
+    let d = Store::open(target.path(), opts())
+        .unwrap()
+        .digest()
+        .unwrap();
+    assert_eq!(d, leader.store.digest().unwrap());
+}

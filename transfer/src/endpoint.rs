@@ -100,6 +100,9 @@ impl TransportOptions {
         t.send_window(u64::from(self.connection_window));
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_streams));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        // ferry sends no DATAGRAM frames: advertise none, so no peer (and
+        // none before it authenticates) can fill a receive buffer with them.
+        t.datagram_receive_buffer_size(None);
         t.keep_alive_interval(Some(self.keep_alive));
         // quinn assumes 333 ms before it has measured the path; a lost first
         // Initial (a peer that is just coming back) is then retried after

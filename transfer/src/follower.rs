@@ -276,9 +276,12 @@ async fn stream_once(
     // What this follower holds: the term it followed and its last write,
     // for the leader to check before it sends anything.
     let s2 = store.clone();
-    let (after, history, proof) = tokio::task::spawn_blocking(move || {
+    let (after, history, proofs) = tokio::task::spawn_blocking(move || {
+        // The leader counts `after` as acknowledged: make it durable first
+        // (a restart after a crash may hold applied writes never synced).
+        let synced = s2.sync_wal();
         let history = History::load(s2.path()).ok().flatten();
-        (s2.latest_seq(), history, local_proof(&s2))
+        synced.map(|()| (s2.latest_seq(), history, local_proofs(&s2)))
     })
     .await
     .map_err(|e| {
@@ -286,17 +289,18 @@ async fn stream_once(
             what: "store task",
             reason: e.to_string(),
         })
-    })?;
+    })?
+    .map_err(StreamError::Apply)?;
     write_frame(
         &mut send,
         &Frame::Subscribe {
             after,
             history: history.as_ref().map(|h| h.current().id.0),
-            proof: proof.map(|w| (w.first, w.hash)),
+            proofs: proofs.iter().map(|w| (w.first, w.hash)).collect(),
         },
     )
     .await?;
-    tracing::info!(leader = %cfg.leader, after, history = %history.as_ref().map(|h| h.current().id.to_string()).unwrap_or_default(), proof = proof.is_some(), "subscribed");
+    tracing::info!(leader = %cfg.leader, after, history = %history.as_ref().map(|h| h.current().id.to_string()).unwrap_or_default(), proofs = proofs.len(), "subscribed");
     status.update(|s| {
         s.state = "catching-up";
         s.applied_seq = after;
@@ -513,44 +517,33 @@ pub fn forget_proof(data: &std::path::Path) {
     let _ = std::fs::remove_file(ferry_engine::ferry_dir(data).join("history.json"));
 }
 
-/// The last write this follower holds, ending at its latest sequence: from
-/// memory, or from `replica.json` plus the WAL after it. `None` when it is
-/// not known (a fresh seed), and the leader then checks the history alone.
-fn local_proof(store: &Store) -> Option<WriteId> {
+/// What this follower shows its leader to prove it holds the leader's
+/// operations up to its latest sequence: hashes over its own WAL (windows of
+/// [`ferry_engine::store::PROOF_WINDOWS`]), its last applied write, and
+/// whatever `replica.json` holds that ends there (the last write
+/// remembered before a restart, or proofs a seed left). Empty when nothing is known;
+/// the leader then refuses it as unproven.
+fn local_proofs(store: &Store) -> Vec<WriteId> {
     let latest = store.latest_seq();
+    let mut out = store.proofs(latest);
     if let Some(w) = store.last_write().filter(|w| w.last == latest) {
-        return Some(w);
+        out.push(w);
     }
-    let saved: Option<WriteId> = std::fs::read(proof_path(store))
+    let saved = std::fs::read(proof_path(store))
         .ok()
-        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .and_then(|v| serde_json::from_value(v.get("last_write")?.clone()).ok());
-    let Some(saved) = saved else {
-        // Killed before it first remembered a write: read the last write
-        // from the whole WAL (once, at reconnect).
-        let oldest = store.oldest_wal_seq().ok().flatten()?;
-        return store
-            .last_write_after(oldest.saturating_sub(1))
-            .ok()
-            .flatten()
-            .filter(|w| w.last == latest);
-    };
-    if saved.last == latest {
-        return Some(saved);
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    if let Some(v) = saved {
+        let last: Option<WriteId> = v
+            .get("last_write")
+            .and_then(|w| serde_json::from_value(w.clone()).ok());
+        let seeded: Vec<WriteId> = v
+            .get("proofs")
+            .and_then(|p| serde_json::from_value(p.clone()).ok())
+            .unwrap_or_default();
+        out.extend(last.into_iter().chain(seeded).filter(|w| w.last == latest));
     }
-    if saved.last > latest {
-        tracing::warn!(
-            saved = saved.last,
-            latest,
-            "the remembered last write is past this store's sequence"
-        );
-        return None;
-    }
-    match store.last_write_after(saved.last) {
-        Ok(Some(w)) if w.last == latest => Some(w),
-        other => {
-            tracing::warn!(saved = saved.last, latest, found = ?other, "cannot find this store's last write in its WAL");
-            None
-        }
-    }
+    out.sort_by_key(|w| std::cmp::Reverse(w.first));
+    out.dedup_by_key(|w| w.first);
+    out.truncate(crate::protocol::MAX_PROOFS);
+    out
 }

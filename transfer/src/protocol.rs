@@ -45,6 +45,8 @@ pub const ALPN: &[u8] = b"ferry/1";
 /// with the lower of the two, which both then speak. Version 3 added the
 /// dictionary of a `ChunkRequest` ([`Codec::ZstdDict`]).
 pub const PROTOCOL_VERSION: u16 = 3;
+/// The most proofs of history a `Subscribe` carries.
+pub const MAX_PROOFS: usize = 8;
 /// The oldest version a node still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 2;
 /// The size of a frame header.
@@ -198,7 +200,7 @@ pub enum Frame {
     Subscribe {
         after: Seq,
         history: Option<[u8; 16]>,
-        proof: Option<(Seq, [u8; 32])>,
+        proofs: Vec<(Seq, [u8; 32])>,
     },
     /// The leader's replication history: `(term id, start)`, oldest first.
     History {
@@ -430,14 +432,23 @@ impl Frame {
             Frame::Subscribe {
                 after,
                 history,
-                proof,
+                proofs,
             } => {
                 out.put_u64_le(*after);
-                out.put_u8(u8::from(history.is_some()) | (u8::from(proof.is_some()) << 1));
+                // One proof keeps version 2's layout (flag 2); several are
+                // counted (flag 4).
+                let proofs = &proofs[..proofs.len().min(MAX_PROOFS)];
+                let flags = u8::from(history.is_some())
+                    | (u8::from(proofs.len() == 1) << 1)
+                    | (u8::from(proofs.len() > 1) << 2);
+                out.put_u8(flags);
                 if let Some(h) = history {
                     out.put_slice(h);
                 }
-                if let Some((first, hash)) = proof {
+                if proofs.len() > 1 {
+                    out.put_u8(proofs.len() as u8);
+                }
+                for (first, hash) in proofs {
                     out.put_u64_le(*first);
                     out.put_slice(hash);
                 }
@@ -607,7 +618,7 @@ impl Frame {
                 need!(9);
                 let after = body.get_u64_le();
                 let flags = body.get_u8();
-                if flags & !0b11 != 0 {
+                if flags & !0b111 != 0 || flags & 0b110 == 0b110 {
                     return Err(DecodeError::Malformed {
                         ty: t,
                         reason: "unknown flags",
@@ -621,19 +632,33 @@ impl Frame {
                 } else {
                     None
                 };
-                let proof = if flags & 2 != 0 {
+                let n = if flags & 2 != 0 {
+                    1
+                } else if flags & 4 != 0 {
+                    need!(1);
+                    let n = body.get_u8() as usize;
+                    if !(2..=MAX_PROOFS).contains(&n) {
+                        return Err(DecodeError::Malformed {
+                            ty: t,
+                            reason: "proof count out of range",
+                        });
+                    }
+                    n
+                } else {
+                    0
+                };
+                let mut proofs = Vec::with_capacity(n);
+                for _ in 0..n {
                     need!(40);
                     let first = body.get_u64_le();
                     let mut hash = [0u8; 32];
                     body.copy_to_slice(&mut hash);
-                    Some((first, hash))
-                } else {
-                    None
-                };
+                    proofs.push((first, hash));
+                }
                 Frame::Subscribe {
                     after,
                     history,
-                    proof,
+                    proofs,
                 }
             }
             ty::HISTORY => Frame::History {
@@ -944,7 +969,7 @@ mod tests {
             enc(Frame::Subscribe {
                 after: 9,
                 history: None,
-                proof: None
+                proofs: vec![]
             }),
             concat!("09000000", "0a", "0900000000000000", "00")
         );
@@ -952,7 +977,7 @@ mod tests {
             enc(Frame::Subscribe {
                 after: 9,
                 history: Some([0xab; 16]),
-                proof: Some((7, [0xcd; 32]))
+                proofs: vec![(7, [0xcd; 32])]
             }),
             concat!(
                 "41000000",
@@ -962,6 +987,24 @@ mod tests {
                 "abababababababababababababababab",
                 "0700000000000000",
                 "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd"
+            )
+        );
+        assert_eq!(
+            enc(Frame::Subscribe {
+                after: 9,
+                history: None,
+                proofs: vec![(9, [0x01; 32]), (1, [0x02; 32])]
+            }),
+            concat!(
+                "5a000000",
+                "0a",
+                "0900000000000000",
+                "04",
+                "02",
+                "0900000000000000",
+                "0101010101010101010101010101010101010101010101010101010101010101",
+                "0100000000000000",
+                "0202020202020202020202020202020202020202020202020202020202020202"
             )
         );
         assert_eq!(
@@ -1095,12 +1138,12 @@ mod tests {
             (
                 any::<u64>(),
                 proptest::option::of(any::<[u8; 16]>()),
-                proptest::option::of((any::<u64>(), any::<[u8; 32]>()))
+                proptest::collection::vec((any::<u64>(), any::<[u8; 32]>()), 0..=MAX_PROOFS)
             )
-                .prop_map(|(after, history, proof)| Frame::Subscribe {
+                .prop_map(|(after, history, proofs)| Frame::Subscribe {
                     after,
                     history,
-                    proof
+                    proofs
                 }),
             proptest::collection::vec((any::<[u8; 16]>(), any::<u64>()), 0..5)
                 .prop_map(|terms| Frame::History { terms }),

@@ -176,8 +176,8 @@ enum StreamEnd {
 const MAX_STREAMED_BATCH: usize = crate::protocol::MAX_BATCHES_FRAME as usize - 64;
 
 /// What a follower's `Subscribe` asks for: the sequence after which to
-/// stream, its history term, and the proof of its last write.
-type Subscription = (Seq, Option<[u8; 16]>, Option<(Seq, [u8; 32])>);
+/// stream, its history term, and the proofs of its operations up to it.
+type Subscription = (Seq, Option<[u8; 16]>, Vec<(Seq, [u8; 32])>);
 
 /// Disconnected followers are forgotten after this long, and beyond this
 /// many entries the longest-disconnected go first: peers choose their node
@@ -287,13 +287,23 @@ impl Replication {
         *self.history.lock() = Some(h);
     }
 
-    /// Checks that a follower at `after` on `history`, whose last write was
-    /// `proof`, holds nothing this leader does not.
+    /// Checks that a follower at `after` on `history` holds nothing this
+    /// leader does not, from its proofs: hashes of its operations
+    /// `first..=after` for one or more `first`.
+    ///
+    /// ### Fails closed
+    /// Every proof this leader can recompute must match. A proof it cannot
+    /// recompute is one whose range its WAL no longer reaches; when none is
+    /// left to check, or the follower sent none, the follower is refused as
+    /// unproven, never accepted on its history alone (a leader restored
+    /// from an older copy keeps its history id). The one exception is a
+    /// follower at the very start of this history's first term with no WAL
+    /// on either side to compare: no ferry write precedes that point.
     async fn check_follower(
         &self,
         after: Seq,
         history: Option<[u8; 16]>,
-        proof: Option<(Seq, [u8; 32])>,
+        proofs: Vec<(Seq, [u8; 32])>,
     ) -> Result<(), String> {
         let latest = self.store.latest_seq();
         if after > latest {
@@ -303,34 +313,68 @@ impl Replication {
         if let (Some(h), Some(id)) = (&ours, history) {
             h.check(HistoryId(id), after).map_err(|m| m.to_string())?;
         }
-        let Some((first, hash)) = proof else {
+        if after == 0 {
             return Ok(());
-        };
-        if first == 0 || first > after {
-            return Err(format!(
-                "the follower's last write {first}..={after} is not a range"
-            ));
+        }
+        let current = ours
+            .as_ref()
+            .map(|h| h.current().id.to_string())
+            .unwrap_or_default();
+        for &(first, _) in &proofs {
+            if first == 0 || first > after {
+                return Err(format!(
+                    "the follower's proof {first}..={after} is not a range"
+                ));
+            }
         }
         let store = self.store.clone();
-        let ours_w = tokio::task::spawn_blocking(move || store.range_hash(first, after))
-            .await
-            .map_err(|e| e.to_string())?;
-        let current = ours.map(|h| h.current().id.to_string()).unwrap_or_default();
-        match ours_w {
-            Ok(Some(w)) if w.hash == hash => Ok(()),
-            Ok(Some(_)) => Err(format!(
-                "the follower's write {first}..={after} differs from this leader's (history {current}): the leader lost writes the follower holds"
-            )),
-            // The WAL no longer holds the range: the history check stands
-            // alone, and the stream will ask for a re-seed if it must.
-            Ok(None) => {
-                tracing::warn!(first, after, "cannot check the follower's last write: the WAL no longer holds it");
-                Ok(())
+        let checks = tokio::task::spawn_blocking(move || {
+            proofs
+                .into_iter()
+                .map(|(first, hash)| (first, hash, store.range_hash(first, after)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut checked = 0;
+        for (first, hash, ours_w) in checks {
+            match ours_w {
+                Ok(Some(w)) if w.hash == hash => checked += 1,
+                Ok(Some(_)) => return Err(format!(
+                    "the follower's write {first}..={after} differs from this leader's (history {current}): the leader lost writes the follower holds"
+                )),
+                Ok(None) => {}
+                Err(e) => return Err(format!(
+                    "cannot check the follower's operations {first}..={after} against this leader's (history {current}): {e}"
+                )),
             }
-            Err(e) => Err(format!(
-                "the follower's write {first}..={after} does not line up with this leader's batches (history {current}): {e}"
-            )),
         }
+        if checked > 0 {
+            return Ok(());
+        }
+        let oldest = {
+            let store = self.store.clone();
+            tokio::task::spawn_blocking(move || store.oldest_wal_seq())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?
+        };
+        let first_start = ours.as_ref().and_then(|h| h.terms.first()).map(|t| t.start);
+        if first_start == Some(after) && oldest.is_none_or(|o| o > after) {
+            tracing::warn!(
+                after,
+                "a follower at the start of this history's first term: nothing to compare, accepted"
+            );
+            return Ok(());
+        }
+        Err(format!(
+            "the follower at sequence {after} cannot prove it holds this leader's operations (history {current}): {}; refusing it rather than risk a silent fork",
+            if checked == 0 && oldest.is_some_and(|o| o > after) {
+                format!("this leader's WAL starts at {}, after it", oldest.unwrap_or(0))
+            } else {
+                "it sent no proof this leader's WAL still covers".to_owned()
+            }
+        ))
     }
 
     /// Every follower seen since start, with its lag.
@@ -382,7 +426,7 @@ impl Replication {
     async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        (after, history, proof): Subscription,
+        (after, history, proofs): Subscription,
         mut send: SendStream,
         recv: RecvStream,
     ) {
@@ -395,7 +439,7 @@ impl Replication {
             )
             .await;
         }
-        if let Err(msg) = self.check_follower(after, history, proof).await {
+        if let Err(msg) = self.check_follower(after, history, proofs).await {
             tracing::error!(node = %peer.node_id, "refusing a diverged follower: {msg}");
             metrics::counter!("ferry_followers_refused_diverged_total").increment(1);
             return send_error(&mut send, ErrorCode::Diverged, msg).await;
@@ -559,6 +603,10 @@ impl Replication {
         let store = self.store.clone();
         let max = self.opts.max_frame_bytes;
         let reader = tokio::task::spawn_blocking(move || {
+            // Only what is synced: a batch past the durable sequence is in
+            // the WAL file but may not survive a power cut on this node. It
+            // reaches the follower from the feed once the sync publishes it.
+            let durable = store.durable_seq();
             let iter = match store.wal_since(pos) {
                 Ok(it) => it,
                 Err(e) => {
@@ -569,6 +617,7 @@ impl Replication {
             let (mut group, mut bytes) = (Vec::new(), 0);
             for b in iter {
                 match b {
+                    Ok(b) if b.first() > durable => break,
                     Ok(b) => {
                         bytes += b.data().len();
                         group.push(b);
@@ -716,8 +765,8 @@ impl StreamHandler for Replication {
                 Frame::Subscribe {
                     after,
                     history,
-                    proof,
-                } => this.serve(peer, (after, history, proof), send, recv).await,
+                    proofs,
+                } => this.serve(peer, (after, history, proofs), send, recv).await,
                 other => {
                     send_error(
                         &mut send,

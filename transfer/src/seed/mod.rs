@@ -663,6 +663,7 @@ mod tests {
                     chunks: c.clone(),
                 })
                 .collect(),
+            proofs: vec![],
         }
     }
 

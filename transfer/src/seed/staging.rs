@@ -196,6 +196,11 @@ pub(super) fn move_aside(data: &Path, staging: &Path) -> Result<(), SeedError> {
             std::fs::rename(&from, reuse.join(name)).map_err(io("rename", &from))?;
         } else if from.is_file() {
             std::fs::remove_file(&from).map_err(io("remove", &from))?;
+        } else if name == "archive" && from.is_dir() {
+            // RocksDB's archived WAL files belong to the old database: left
+            // beside the new one, its WAL reader would find batches of the
+            // old history at sequences the new one reuses.
+            std::fs::remove_dir_all(&from).map_err(io("remove", &from))?;
         }
     }
     sync_dir(&reuse)?;
