@@ -775,11 +775,14 @@ pub fn init_metrics() {
         "ferry_http_errors_total",
         "ferry_http_ack_timeouts_total",
         "ferry_followers_refused_diverged_total",
+        "ferry_followers_refused_unproven_total",
         "ferry_replication_wal_batches_total",
         "ferry_oversize_batches_total",
         "ferry_promotions_total",
         "ferry_fenced_total",
         "ferry_corrupt_files_total",
+        "ferry_databases_set_aside_total",
+        "ferry_promotions_refused_total",
     ] {
         metrics::counter!(name).increment(0);
     }

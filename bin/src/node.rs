@@ -1217,20 +1217,28 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
         let _ = store.sync_wal();
         // A database the leader refused is about to be replaced: keep it
         // aside first, so writes only it held are never destroyed silently.
-        if let (ReplicationEnd::Diverged { message }, None, OnDivergence::Reseed) =
-            (&end, &interrupt, cfg.on_divergence)
-        {
-            let (s2, why) = (store.clone(), message.clone());
+        let set_aside_why = match (&end, &interrupt, cfg.on_divergence) {
+            (ReplicationEnd::Diverged { message }, None, OnDivergence::Reseed) => {
+                Some(message.clone())
+            }
+            // Not known to differ, but not known not to: kept all the same.
+            (ReplicationEnd::Unproven { message }, None, _) => {
+                Some(format!("unproven: {message}"))
+            }
+            _ => None,
+        };
+        if let Some(why) = set_aside_why {
+            let s2 = store.clone();
             let keep = cfg.keep_aside;
             match tokio::task::spawn_blocking(move || s2.set_aside(&why, keep)).await? {
                 Ok(a) => {
                     metrics::counter!("ferry_databases_set_aside_total").increment(1);
-                    tracing::error!(aside = %a.name, seq = a.seq, "the diverged database is set aside before the re-seed; list it with `ferry aside --data {}`", cfg.data.display());
+                    tracing::warn!(aside = %a.name, seq = a.seq, "the database is set aside before the re-seed; list it with `ferry aside --data {}`", cfg.data.display());
                 }
                 Err(e) => {
                     // Fail closed: without the copy, nothing is replaced.
                     let msg = format!(
-                        "cannot set the diverged database aside ({e}); not re-seeding over it"
+                        "cannot set the database aside ({e}); not re-seeding over it"
                     );
                     tracing::error!("{msg}");
                     node.set_state(NodeState::Diverged, Some(msg));
@@ -1298,6 +1306,10 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 }
                 ReplicationEnd::WalPurged { message } => {
                     tracing::warn!(%message, "the leader's WAL no longer reaches this follower: re-seeding");
+                    node.set_state(NodeState::Reseeding, Some(message));
+                }
+                ReplicationEnd::Unproven { message } => {
+                    tracing::warn!(%message, "the leader cannot check this follower's position: re-seeding (the old database is set aside)");
                     node.set_state(NodeState::Reseeding, Some(message));
                 }
             }

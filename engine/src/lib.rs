@@ -32,6 +32,6 @@ pub use paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
 #[cfg(feature = "rocksdb")]
 pub use store::{
     export_aside, list_asides, list_checkpoints, AsideInfo, CheckpointInfo, CorruptFile, Digest,
-    ExportedOp, Scan, ScanPage, ScrubReport, SeqRange, Store, StoreOptions, WalIter, WriteId,
-    PROOF_WINDOWS,
+    ExportedOp, Issued, Scan, ScanPage, ScrubReport, SeqRange, Store, StoreOptions, WalIter,
+    WriteId, MAX_ISSUED, PROOF_WINDOWS,
 };

@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::batch::{Batch, Op, RawBatch};
 use crate::error::{io, DivergenceError, Error, Result, Seq};
 use crate::feed::{Feed, FeedLimits};
-use crate::manifest::{build_manifest, HashCache, HashStats, Manifest, DEFAULT_CHUNK_SIZE};
+use crate::manifest::{build_manifest, Hash, HashCache, HashStats, Manifest, DEFAULT_CHUNK_SIZE};
 
 pub use crate::paths::{ferry_dir, seed_dir, write_atomic, FERRY_DIR};
 const CHECKPOINTS: &str = "checkpoints";
@@ -145,6 +145,8 @@ struct Inner {
     durable: std::sync::atomic::AtomicU64,
     /// The last write or applied group: what a follower proves it holds.
     last_write: Mutex<Option<WriteId>>,
+    /// Serializes updates of `issued.json`.
+    issued_lock: Mutex<()>,
     /// Set when the owner wants every handle released (a re-seed replaces
     /// the database): long waits holding a handle watch it and give up.
     closing: tokio::sync::watch::Sender<bool>,
@@ -274,6 +276,17 @@ impl RangeHasher {
 /// the leader checks every one its WAL still reaches.
 pub const PROOF_WINDOWS: [u64; 3] = [1, 64, 4096];
 
+/// How many issued checkpoints a store remembers ([`Store::record_issued`]).
+pub const MAX_ISSUED: usize = 64;
+
+/// A seed checkpoint a store issued: its sequence and its manifest's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Issued {
+    pub seq: Seq,
+    #[serde(with = "hex_array")]
+    pub manifest: [u8; 32],
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
@@ -356,6 +369,7 @@ impl Store {
                 sync_lock: Mutex::new(()),
                 durable: std::sync::atomic::AtomicU64::new(latest),
                 last_write: Mutex::new(None),
+                issued_lock: Mutex::new(()),
                 closing: tokio::sync::watch::channel(false).0,
                 write_latency: Mutex::new((0, 0)),
                 external_latency: AtomicBool::new(false),
@@ -1165,7 +1179,50 @@ impl Store {
             .into_iter()
             .map(|w| (w.first, w.hash))
             .collect();
+        // And, should no proof reach (the WAL is gone), the node can still
+        // show that it holds exactly this checkpoint: remembered before the
+        // manifest leaves this process.
+        self.record_issued(cp.seq, manifest.id().0)?;
         Ok((manifest, stats))
+    }
+
+    /// Remembers that this store issued the checkpoint at `seq` whose
+    /// manifest has id `manifest` (the last [`MAX_ISSUED`] are kept, in
+    /// `.ferry/issued.json`, synced). A node seeded from it that has written
+    /// nothing since holds exactly this store's content at `seq`, which
+    /// proves its position when the WAL no longer does.
+    pub fn record_issued(&self, seq: Seq, manifest: Hash) -> Result<()> {
+        if self.inner.read_only {
+            return Ok(());
+        }
+        let _g = self.inner.issued_lock.lock();
+        let mut list = self.issued();
+        let entry = Issued { seq, manifest };
+        if list.contains(&entry) {
+            return Ok(());
+        }
+        list.push(entry);
+        let excess = list.len().saturating_sub(MAX_ISSUED);
+        list.drain(..excess);
+        let b = serde_json::to_vec(&list).map_err(|e| Error::Malformed {
+            what: "issued.json",
+            reason: e.to_string(),
+        })?;
+        write_atomic(&ferry_dir(&self.inner.path).join("issued.json"), &b)
+    }
+
+    /// The checkpoints this store remembers issuing, oldest first. An
+    /// unreadable record reads as none: the proof it would give is then
+    /// refused, never assumed.
+    pub fn issued(&self) -> Vec<Issued> {
+        let path = ferry_dir(&self.inner.path).join("issued.json");
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable record of issued checkpoints; ignored");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
     }
 
     // ---- WAL ---------------------------------------------------------

@@ -197,6 +197,15 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
     let first = follower.status()["last_seed"]["bytes_total"]
         .as_u64()
         .expect("seeded");
+    // It applies writes past its seed, so only its WAL can prove where it
+    // stands (the seed checkpoint no longer does).
+    leader.fill("mid-", 100, 10, 200);
+    let want = leader.status()["seq"].as_u64().expect("leader seq");
+    let deadline = std::time::Instant::now() + T;
+    while follower.status()["seq"].as_u64() != Some(want) {
+        assert!(std::time::Instant::now() < deadline, "not caught up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let fseq = follower.status()["seq"].as_u64().expect("seq");
     follower.kill();
     // While it is down, the leader writes, flushes (with no WAL retention
@@ -267,6 +276,25 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
             .lines()
             .any(|l| l.starts_with("ferry_reseeds_total") && l.ends_with(" 1")),
         "{metrics}"
+    );
+    // The leader could not check the old position: unproven, not diverged.
+    // The old database is kept aside all the same, and the seeded one is
+    // accepted by the checkpoint the leader issued (its WAL is gone too).
+    let s = follower.status();
+    assert_eq!(s["divergences"], 0, "{s}");
+    let aside = s["set_aside"].as_array().expect("set_aside");
+    assert_eq!(aside.len(), 1, "{s}");
+    assert_eq!(aside[0]["seq"].as_u64(), Some(fseq), "{s}");
+    assert!(
+        aside[0]["reason"].as_str().is_some_and(|r| r.starts_with("unproven")),
+        "{s}"
+    );
+    assert!(
+        leader
+            .log_text()
+            .contains("proves its position by the seed checkpoint"),
+        "{}",
+        leader.log_text()
     );
     let (code, out) = verify(&leader, &follower);
     assert_eq!(code, 0, "{out}");

@@ -191,3 +191,41 @@ fn only_a_wal_purged_past_the_proof_cannot_be_checked() {
     );
     assert!(proofs.iter().any(|w| w.first == oldest), "{proofs:?}");
 }
+
+#[test]
+fn a_store_remembers_the_seed_checkpoints_it_issued_and_only_those() {
+    // The proof of last resort: when the WAL no longer reaches a follower
+    // seeded from a checkpoint, the leader accepts the checkpoint's manifest
+    // id, but only one it issued itself, at that sequence, and remembered
+    // across a restart.
+    let (d, leader) = temp_store(opts());
+    write_cut(&leader, "a", 30, &[3]);
+    assert!(leader.issued().is_empty());
+    let cp = leader.checkpoint_tagged("seed").expect("checkpoint");
+    let (manifest, _) = leader.manifest(&cp).expect("manifest");
+    let want = ferry_engine::Issued {
+        seq: cp.seq,
+        manifest: manifest.id().0,
+    };
+    assert_eq!(leader.issued(), vec![want]);
+    // The id is the manifest as it goes on the wire: a follower computes
+    // the same from the bytes it received.
+    let decoded = ferry_engine::Manifest::decode(&manifest.encode()).expect("decode");
+    assert_eq!(decoded.id().0, want.manifest);
+    let leader = reopen(d.path(), leader);
+    assert_eq!(leader.issued(), vec![want], "kept across a restart");
+    // Bounded: the oldest are forgotten first.
+    for i in 0..ferry_engine::MAX_ISSUED as u64 + 5 {
+        leader.record_issued(1000 + i, [7; 32]).expect("record");
+    }
+    let all = leader.issued();
+    assert_eq!(all.len(), ferry_engine::MAX_ISSUED);
+    assert!(!all.contains(&want), "the oldest is forgotten");
+    // An unreadable record reads as none, never as a match.
+    std::fs::write(
+        ferry_engine::ferry_dir(d.path()).join("issued.json"),
+        b"{not json",
+    )
+    .expect("write");
+    assert!(leader.issued().is_empty());
+}

@@ -57,6 +57,10 @@ pub enum ReplicationEnd {
     WalPurged { message: String },
     /// The follower's data and the leader's stream disagree: stop.
     Diverged { message: String },
+    /// The leader cannot check that this follower holds only its operations
+    /// (its WAL no longer reaches the follower's position): keep the data
+    /// aside, then re-seed.
+    Unproven { message: String },
     /// Shutdown was requested.
     Shutdown,
 }
@@ -200,6 +204,10 @@ pub async fn replicate(
                 code: ErrorCode::WalPurged,
                 message,
             }) => break ReplicationEnd::WalPurged { message },
+            Err(StreamError::Refused {
+                code: ErrorCode::Unproven,
+                message,
+            }) => break ReplicationEnd::Unproven { message },
             Err(StreamError::Apply(EngineError::Divergence(d))) => {
                 break ReplicationEnd::Diverged {
                     message: d.to_string(),
@@ -296,11 +304,12 @@ async fn stream_once(
         &Frame::Subscribe {
             after,
             history: history.as_ref().map(|h| h.current().id.0),
-            proofs: proofs.iter().map(|w| (w.first, w.hash)).collect(),
+            proofs: proofs.0.iter().map(|w| (w.first, w.hash)).collect(),
+            seeded: proofs.1.map(|s| (s.seq, s.manifest)),
         },
     )
     .await?;
-    tracing::info!(leader = %cfg.leader, after, history = %history.as_ref().map(|h| h.current().id.to_string()).unwrap_or_default(), proofs = proofs.len(), "subscribed");
+    tracing::info!(leader = %cfg.leader, after, history = %history.as_ref().map(|h| h.current().id.to_string()).unwrap_or_default(), proofs = proofs.0.len(), seeded = proofs.1.is_some(), "subscribed");
     status.update(|s| {
         s.state = "catching-up";
         s.applied_seq = after;
@@ -521,9 +530,10 @@ pub fn forget_proof(data: &std::path::Path) {
 /// operations up to its latest sequence: hashes over its own WAL (windows of
 /// [`ferry_engine::store::PROOF_WINDOWS`]), its last applied write, and
 /// whatever `replica.json` holds that ends there (the last write
-/// remembered before a restart, or proofs a seed left). Empty when nothing is known;
-/// the leader then refuses it as unproven.
-fn local_proofs(store: &Store) -> Vec<WriteId> {
+/// remembered before a restart, or proofs a seed left), and the seed
+/// checkpoint it was installed from while it has written nothing since.
+/// Empty when nothing is known; the leader then refuses it as unproven.
+fn local_proofs(store: &Store) -> (Vec<WriteId>, Option<ferry_engine::Issued>) {
     let latest = store.latest_seq();
     let mut out = store.proofs(latest);
     if let Some(w) = store.last_write().filter(|w| w.last == latest) {
@@ -532,18 +542,24 @@ fn local_proofs(store: &Store) -> Vec<WriteId> {
     let saved = std::fs::read(proof_path(store))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let mut seeded = None;
     if let Some(v) = saved {
         let last: Option<WriteId> = v
             .get("last_write")
             .and_then(|w| serde_json::from_value(w.clone()).ok());
-        let seeded: Vec<WriteId> = v
+        let proofs: Vec<WriteId> = v
             .get("proofs")
             .and_then(|p| serde_json::from_value(p.clone()).ok())
             .unwrap_or_default();
-        out.extend(last.into_iter().chain(seeded).filter(|w| w.last == latest));
+        out.extend(last.into_iter().chain(proofs).filter(|w| w.last == latest));
+        // The checkpoint counts only while nothing was written past it.
+        seeded = v
+            .get("seeded")
+            .and_then(|s| serde_json::from_value::<ferry_engine::Issued>(s.clone()).ok())
+            .filter(|s| s.seq == latest);
     }
     out.sort_by_key(|w| std::cmp::Reverse(w.first));
     out.dedup_by_key(|w| w.first);
     out.truncate(crate::protocol::MAX_PROOFS);
-    out
+    (out, seeded)
 }

@@ -26,6 +26,8 @@
 //!                       S: Error(WalPurged) when the WAL no longer has it
 //!                       S: Error(Diverged) when the follower's history or
 //!                          last write is not the leader's
+//!                       S: Error(Unproven) when the leader cannot check
+//!                          that it is (set it aside, re-seed)
 //! enrollment (on the control stream, token-authenticated followers):
 //!   C: CertRequest      S: CertReply | Error
 //! ```
@@ -94,6 +96,9 @@ pub enum ErrorCode {
     /// A file on the sending node failed its integrity check at rest (an SST
     /// whose block checksums do not match); it is not shipped.
     Corrupt = 10,
+    /// The leader cannot check that the follower's operations are its own
+    /// (no proof it can reach): the follower keeps a copy and re-seeds.
+    Unproven = 11,
     /// An unknown code from a newer peer.
     Unknown = 0xffff,
 }
@@ -111,6 +116,7 @@ impl ErrorCode {
             8 => Self::WalPurged,
             9 => Self::Diverged,
             10 => Self::Corrupt,
+            11 => Self::Unproven,
             _ => Self::Unknown,
         }
     }
@@ -197,10 +203,16 @@ pub enum Frame {
     /// the term the follower last followed; `proof` the first sequence and
     /// hash of its last write (ending at `after`), so the leader can check
     /// that it holds the same.
+    ///
+    /// `seeded` is the sequence and manifest id of the seed checkpoint the
+    /// follower was installed from, sent when it has written nothing since:
+    /// the leader that issued that checkpoint accepts it as proof when its
+    /// WAL no longer reaches back to `after`.
     Subscribe {
         after: Seq,
         history: Option<[u8; 16]>,
         proofs: Vec<(Seq, [u8; 32])>,
+        seeded: Option<(Seq, [u8; 32])>,
     },
     /// The leader's replication history: `(term id, start)`, oldest first.
     History {
@@ -433,14 +445,16 @@ impl Frame {
                 after,
                 history,
                 proofs,
+                seeded,
             } => {
                 out.put_u64_le(*after);
                 // One proof keeps version 2's layout (flag 2); several are
-                // counted (flag 4).
+                // counted (flag 4); a seed checkpoint follows them (flag 8).
                 let proofs = &proofs[..proofs.len().min(MAX_PROOFS)];
                 let flags = u8::from(history.is_some())
                     | (u8::from(proofs.len() == 1) << 1)
-                    | (u8::from(proofs.len() > 1) << 2);
+                    | (u8::from(proofs.len() > 1) << 2)
+                    | (u8::from(seeded.is_some()) << 3);
                 out.put_u8(flags);
                 if let Some(h) = history {
                     out.put_slice(h);
@@ -451,6 +465,10 @@ impl Frame {
                 for (first, hash) in proofs {
                     out.put_u64_le(*first);
                     out.put_slice(hash);
+                }
+                if let Some((seq, id)) = seeded {
+                    out.put_u64_le(*seq);
+                    out.put_slice(id);
                 }
             }
             Frame::History { terms } => put_terms(out, terms),
@@ -618,7 +636,7 @@ impl Frame {
                 need!(9);
                 let after = body.get_u64_le();
                 let flags = body.get_u8();
-                if flags & !0b111 != 0 || flags & 0b110 == 0b110 {
+                if flags & !0b1111 != 0 || flags & 0b110 == 0b110 {
                     return Err(DecodeError::Malformed {
                         ty: t,
                         reason: "unknown flags",
@@ -655,10 +673,20 @@ impl Frame {
                     body.copy_to_slice(&mut hash);
                     proofs.push((first, hash));
                 }
+                let seeded = if flags & 8 != 0 {
+                    need!(40);
+                    let seq = body.get_u64_le();
+                    let mut id = [0u8; 32];
+                    body.copy_to_slice(&mut id);
+                    Some((seq, id))
+                } else {
+                    None
+                };
                 Frame::Subscribe {
                     after,
                     history,
                     proofs,
+                    seeded,
                 }
             }
             ty::HISTORY => Frame::History {
@@ -969,15 +997,33 @@ mod tests {
             enc(Frame::Subscribe {
                 after: 9,
                 history: None,
-                proofs: vec![]
+                proofs: vec![],
+                seeded: None,
             }),
             concat!("09000000", "0a", "0900000000000000", "00")
         );
         assert_eq!(
             enc(Frame::Subscribe {
                 after: 9,
+                history: None,
+                proofs: vec![],
+                seeded: Some((9, [0xee; 32])),
+            }),
+            concat!(
+                "31000000",
+                "0a",
+                "0900000000000000",
+                "08",
+                "0900000000000000",
+                "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee"
+            )
+        );
+        assert_eq!(
+            enc(Frame::Subscribe {
+                after: 9,
                 history: Some([0xab; 16]),
-                proofs: vec![(7, [0xcd; 32])]
+                proofs: vec![(7, [0xcd; 32])],
+                seeded: None,
             }),
             concat!(
                 "41000000",
@@ -993,7 +1039,8 @@ mod tests {
             enc(Frame::Subscribe {
                 after: 9,
                 history: None,
-                proofs: vec![(9, [0x01; 32]), (1, [0x02; 32])]
+                proofs: vec![(9, [0x01; 32]), (1, [0x02; 32])],
+                seeded: None,
             }),
             concat!(
                 "5a000000",
@@ -1138,12 +1185,14 @@ mod tests {
             (
                 any::<u64>(),
                 proptest::option::of(any::<[u8; 16]>()),
-                proptest::collection::vec((any::<u64>(), any::<[u8; 32]>()), 0..=MAX_PROOFS)
+                proptest::collection::vec((any::<u64>(), any::<[u8; 32]>()), 0..=MAX_PROOFS),
+                proptest::option::of((any::<u64>(), any::<[u8; 32]>())),
             )
-                .prop_map(|(after, history, proofs)| Frame::Subscribe {
+                .prop_map(|(after, history, proofs, seeded)| Frame::Subscribe {
                     after,
                     history,
-                    proofs
+                    proofs,
+                    seeded,
                 }),
             proptest::collection::vec((any::<[u8; 16]>(), any::<u64>()), 0..5)
                 .prop_map(|terms| Frame::History { terms }),

@@ -177,7 +177,22 @@ const MAX_STREAMED_BATCH: usize = crate::protocol::MAX_BATCHES_FRAME as usize - 
 
 /// What a follower's `Subscribe` asks for: the sequence after which to
 /// stream, its history term, and the proofs of its operations up to it.
-type Subscription = (Seq, Option<[u8; 16]>, Vec<(Seq, [u8; 32])>);
+/// A `Subscribe` frame's fields: after, history, proofs, seed checkpoint.
+type Subscription = (
+    Seq,
+    Option<[u8; 16]>,
+    Vec<(Seq, [u8; 32])>,
+    Option<(Seq, [u8; 32])>,
+);
+
+/// Why a follower is refused at subscribe.
+#[derive(Debug)]
+enum Refusal {
+    /// It holds operations this leader does not (or is ahead of it).
+    Diverged(String),
+    /// This leader cannot check that it does not.
+    Unproven(String),
+}
 
 /// Disconnected followers are forgotten after this long, and beyond this
 /// many entries the longest-disconnected go first: peers choose their node
@@ -289,29 +304,35 @@ impl Replication {
 
     /// Checks that a follower at `after` on `history` holds nothing this
     /// leader does not, from its proofs: hashes of its operations
-    /// `first..=after` for one or more `first`.
+    /// `first..=after` for one or more `first`, or the seed checkpoint it
+    /// was installed from and has not written past.
     ///
     /// ### Fails closed
-    /// Every proof this leader can recompute must match. A proof it cannot
-    /// recompute is one whose range its WAL no longer reaches; when none is
-    /// left to check, or the follower sent none, the follower is refused as
-    /// unproven, never accepted on its history alone (a leader restored
-    /// from an older copy keeps its history id). The one exception is a
-    /// follower at the very start of this history's first term with no WAL
-    /// on either side to compare: no ferry write precedes that point.
+    /// Every proof this leader can recompute must match, or the follower is
+    /// [`Refusal::Diverged`]. A proof it cannot recompute is one whose range
+    /// its WAL no longer reaches; when none is left to check, the follower
+    /// sent none, and it shows no checkpoint this leader remembers issuing
+    /// at `after`, it is [`Refusal::Unproven`]: never accepted on its
+    /// history alone (a leader restored from an older copy keeps its history
+    /// id), and kept aside by the follower before it re-seeds. The one
+    /// exception is a follower at the very start of this history's first
+    /// term with no WAL on either side to compare: no ferry write precedes
+    /// that point.
     async fn check_follower(
         &self,
         after: Seq,
         history: Option<[u8; 16]>,
         proofs: Vec<(Seq, [u8; 32])>,
-    ) -> Result<(), String> {
+        seeded: Option<(Seq, [u8; 32])>,
+    ) -> Result<(), Refusal> {
         let latest = self.store.latest_seq();
         if after > latest {
-            return Err(format!("the follower is at sequence {after}, ahead of this leader at {latest}: the leader lost writes the follower holds"));
+            return Err(Refusal::Diverged(format!("the follower is at sequence {after}, ahead of this leader at {latest}: the leader lost writes the follower holds")));
         }
         let ours = self.history.lock().clone();
         if let (Some(h), Some(id)) = (&ours, history) {
-            h.check(HistoryId(id), after).map_err(|m| m.to_string())?;
+            h.check(HistoryId(id), after)
+                .map_err(|m| Refusal::Diverged(m.to_string()))?;
         }
         if after == 0 {
             return Ok(());
@@ -322,43 +343,47 @@ impl Replication {
             .unwrap_or_default();
         for &(first, _) in &proofs {
             if first == 0 || first > after {
-                return Err(format!(
+                return Err(Refusal::Diverged(format!(
                     "the follower's proof {first}..={after} is not a range"
-                ));
+                )));
             }
         }
         let store = self.store.clone();
-        let checks = tokio::task::spawn_blocking(move || {
-            proofs
+        let (checks, issued, oldest) = tokio::task::spawn_blocking(move || {
+            let checks = proofs
                 .into_iter()
                 .map(|(first, hash)| (first, hash, store.range_hash(first, after)))
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (checks, store.issued(), store.oldest_wal_seq())
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Refusal::Unproven(e.to_string()))?;
         let mut checked = 0;
         for (first, hash, ours_w) in checks {
             match ours_w {
                 Ok(Some(w)) if w.hash == hash => checked += 1,
-                Ok(Some(_)) => return Err(format!(
+                Ok(Some(_)) => return Err(Refusal::Diverged(format!(
                     "the follower's write {first}..={after} differs from this leader's (history {current}): the leader lost writes the follower holds"
-                )),
+                ))),
                 Ok(None) => {}
-                Err(e) => return Err(format!(
+                Err(e) => return Err(Refusal::Unproven(format!(
                     "cannot check the follower's operations {first}..={after} against this leader's (history {current}): {e}"
-                )),
+                ))),
             }
         }
         if checked > 0 {
             return Ok(());
         }
-        let oldest = {
-            let store = self.store.clone();
-            tokio::task::spawn_blocking(move || store.oldest_wal_seq())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?
-        };
+        if let Some((seq, id)) = seeded.filter(|&(seq, _)| seq == after) {
+            if issued.iter().any(|i| i.seq == seq && i.manifest == id) {
+                tracing::info!(
+                    after,
+                    "a follower proves its position by the seed checkpoint this leader issued"
+                );
+                return Ok(());
+            }
+        }
+        let oldest = oldest.map_err(|e| Refusal::Unproven(e.to_string()))?;
         let first_start = ours.as_ref().and_then(|h| h.terms.first()).map(|t| t.start);
         if first_start == Some(after) && oldest.is_none_or(|o| o > after) {
             tracing::warn!(
@@ -367,14 +392,13 @@ impl Replication {
             );
             return Ok(());
         }
-        Err(format!(
-            "the follower at sequence {after} cannot prove it holds this leader's operations (history {current}): {}; refusing it rather than risk a silent fork",
-            if checked == 0 && oldest.is_some_and(|o| o > after) {
-                format!("this leader's WAL starts at {}, after it", oldest.unwrap_or(0))
-            } else {
-                "it sent no proof this leader's WAL still covers".to_owned()
+        Err(Refusal::Unproven(format!(
+            "the follower at sequence {after} cannot prove it holds this leader's operations (history {current}): {}",
+            match oldest {
+                Some(o) if o > after => format!("this leader's WAL starts at {o}, after it, and it shows no checkpoint this leader issued there"),
+                _ => "it sent no proof this leader's WAL still covers".to_owned(),
             }
-        ))
+        )))
     }
 
     /// Every follower seen since start, with its lag.
@@ -426,7 +450,7 @@ impl Replication {
     async fn serve(
         self: Arc<Self>,
         peer: Peer,
-        (after, history, proofs): Subscription,
+        (after, history, proofs, seeded): Subscription,
         mut send: SendStream,
         recv: RecvStream,
     ) {
@@ -439,10 +463,18 @@ impl Replication {
             )
             .await;
         }
-        if let Err(msg) = self.check_follower(after, history, proofs).await {
-            tracing::error!(node = %peer.node_id, "refusing a diverged follower: {msg}");
-            metrics::counter!("ferry_followers_refused_diverged_total").increment(1);
-            return send_error(&mut send, ErrorCode::Diverged, msg).await;
+        match self.check_follower(after, history, proofs, seeded).await {
+            Ok(()) => {}
+            Err(Refusal::Diverged(msg)) => {
+                tracing::error!(node = %peer.node_id, "refusing a diverged follower: {msg}");
+                metrics::counter!("ferry_followers_refused_diverged_total").increment(1);
+                return send_error(&mut send, ErrorCode::Diverged, msg).await;
+            }
+            Err(Refusal::Unproven(msg)) => {
+                tracing::warn!(node = %peer.node_id, "refusing an unproven follower (it re-seeds): {msg}");
+                metrics::counter!("ferry_followers_refused_unproven_total").increment(1);
+                return send_error(&mut send, ErrorCode::Unproven, msg).await;
+            }
         }
         let terms = self.history.lock().as_ref().map(|h| {
             h.terms
@@ -766,7 +798,11 @@ impl StreamHandler for Replication {
                     after,
                     history,
                     proofs,
-                } => this.serve(peer, (after, history, proofs), send, recv).await,
+                    seeded,
+                } => {
+                    this.serve(peer, (after, history, proofs, seeded), send, recv)
+                        .await
+                }
                 other => {
                     send_error(
                         &mut send,

@@ -44,28 +44,31 @@ pub(super) fn finish_install(
         std::fs::rename(&current, data.join("CURRENT")).map_err(io("rename", &current))?;
         sync_dir(data)?;
     }
-    // The leader's proofs of its operations up to the checkpoint: this node
-    // shows them when it first subscribes, should the checkpoint carry no
-    // WAL to prove its position from (written before the seed ends, so a
-    // crash here is finished by the restart).
-    if !manifest.proofs.is_empty() {
-        let proofs: Vec<ferry_engine::WriteId> = manifest
-            .proofs
-            .iter()
-            .map(|&(first, hash)| ferry_engine::WriteId {
-                first,
-                last: manifest.seq,
-                hash,
-            })
-            .collect();
-        let b = serde_json::to_vec(&serde_json::json!({ "proofs": proofs })).map_err(|e| {
+    // The leader's proofs of its operations up to the checkpoint, and the
+    // checkpoint itself: this node shows them when it first subscribes,
+    // should the checkpoint carry no WAL to prove its position from (written
+    // before the seed ends, so a crash here is finished by the restart).
+    let proofs: Vec<ferry_engine::WriteId> = manifest
+        .proofs
+        .iter()
+        .map(|&(first, hash)| ferry_engine::WriteId {
+            first,
+            last: manifest.seq,
+            hash,
+        })
+        .collect();
+    let seeded = ferry_engine::Issued {
+        seq: manifest.seq,
+        manifest: manifest.id().0,
+    };
+    let b = serde_json::to_vec(&serde_json::json!({ "proofs": proofs, "seeded": seeded }))
+        .map_err(|e| {
             SeedError::Engine(ferry_engine::Error::Malformed {
                 what: "replica.json",
                 reason: e.to_string(),
             })
         })?;
-        ferry_engine::write_atomic(&ferry_engine::ferry_dir(data).join("replica.json"), &b)?;
-    }
+    ferry_engine::write_atomic(&ferry_engine::ferry_dir(data).join("replica.json"), &b)?;
     // One rename ends the seed; the deletion after it may be cut short.
     let trash = trash_dir(data);
     if trash.exists() {
