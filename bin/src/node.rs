@@ -1222,9 +1222,7 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 Some(message.clone())
             }
             // Not known to differ, but not known not to: kept all the same.
-            (ReplicationEnd::Unproven { message }, None, _) => {
-                Some(format!("unproven: {message}"))
-            }
+            (ReplicationEnd::Unproven { message }, None, _) => Some(format!("unproven: {message}")),
             _ => None,
         };
         if let Some(why) = set_aside_why {
@@ -1237,9 +1235,8 @@ async fn follower_lifecycle(node: Arc<Node>) -> Result<()> {
                 }
                 Err(e) => {
                     // Fail closed: without the copy, nothing is replaced.
-                    let msg = format!(
-                        "cannot set the database aside ({e}); not re-seeding over it"
-                    );
+                    let msg =
+                        format!("cannot set the database aside ({e}); not re-seeding over it");
                     tracing::error!("{msg}");
                     node.set_state(NodeState::Diverged, Some(msg));
                     store.set_follower(true);

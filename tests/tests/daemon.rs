@@ -286,7 +286,9 @@ fn a_purged_wal_makes_the_follower_reseed_reusing_unchanged_files() {
     assert_eq!(aside.len(), 1, "{s}");
     assert_eq!(aside[0]["seq"].as_u64(), Some(fseq), "{s}");
     assert!(
-        aside[0]["reason"].as_str().is_some_and(|r| r.starts_with("unproven")),
+        aside[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("unproven")),
         "{s}"
     );
     assert!(
